@@ -1,0 +1,207 @@
+"""
+Tests for parallel.py: expert parallelism, LASP+ sequence parallelism, gradient sync and checkpoints, each
+compared against the single-process model holding the same weights.
+
+Run: python -m pytest -q tests/test_parallel.py      (CPU; spawns 2- and 4-process gloo groups)
+
+Layout of this file: process-free unit tests first (permutation math, LASP+ prefix, layout checks), then a
+small harness (`spawn(world, fn)`: torch.multiprocessing + a file rendezvous + torchrun-like env vars), then
+one spawn per test, each running several checks. Sizes are tiny and most checks run in fp64, where the
+parallel and single-process results differ only by summation order (tolerances ~1e-12).
+"""
+import math
+import os
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import parallel
+from moe import MoE
+
+# -----------------------------------------------------------------------------
+# process-free unit tests
+
+
+def _expert_major_order_loop(recv):
+    """Slow twin of parallel.expert_major_order: walk the rank-major blocks and list rows expert by expert."""
+    R, L = recv.shape
+    start, block_rows = 0, {}
+    for q in range(R):  # arrival order: rank q's rows for expert 0, then 1, ...
+        for j in range(L):
+            n = int(recv[q, j])
+            block_rows[q, j] = list(range(start, start + n))
+            start += n
+    return torch.tensor([i for j in range(L) for q in range(R) for i in block_rows[q, j]], dtype=torch.long)
+
+
+@pytest.mark.parametrize("recv", [
+    [[2, 0, 1], [1, 3, 0]],  # uneven, some empty blocks
+    [[0, 0, 0], [0, 0, 0]],  # nothing received
+    [[0, 0, 5], [0, 0, 0], [0, 0, 2]],  # everything to one local expert
+    [[4]],  # one rank, one expert: identity
+])
+def test_expert_major_order(recv):
+    recv = torch.tensor(recv)
+    perm = parallel.expert_major_order(recv, int(recv.sum()))
+    assert torch.equal(perm, _expert_major_order_loop(recv))
+    # the rows land expert-major: their expert ids are sorted, each block of expert j has recv[:, j].sum() rows
+    R, L = recv.shape
+    expert_of_row = torch.repeat_interleave(torch.arange(L).repeat(R), recv.flatten())
+    assert torch.equal(expert_of_row[perm], torch.repeat_interleave(torch.arange(L), recv.sum(0)))
+
+
+def test_check_layout_messages():
+    parallel.check_layout(8, 2, 4, num_experts=8)  # fits
+    with pytest.raises(ValueError, match="not divisible by ep=3"):
+        parallel.check_layout(4, 3, 1)
+    with pytest.raises(ValueError, match="not divisible by sp=3"):
+        parallel.check_layout(4, 1, 3)
+    with pytest.raises(ValueError, match="num_experts=6 is not divisible by ep=4"):
+        parallel.check_layout(4, 4, 1, num_experts=6)
+    with pytest.raises(ValueError, match="positive int"):
+        parallel.check_layout(4, 0, 1)
+
+
+# -----------------------------------------------------------------------------
+# harness: run fn(rank, world, tmpdir) in `world` processes over gloo
+
+
+def _entry(rank, world, tmpdir, fn, args):
+    torch.set_num_threads(1)  # 2 CI cores shared by up to 4 processes
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    try:
+        fn(rank, world, tmpdir, *args)
+    except BaseException:  # write the traceback where the parent can show it, then fail this process
+        with open(os.path.join(tmpdir, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(world, fn, *args):
+    """Run fn(rank, world, tmpdir, *args) on `world` processes; re-raise the first rank's error here."""
+    with tempfile.TemporaryDirectory() as tmpdir:
+        try:
+            mp.spawn(_entry, args=(world, tmpdir, fn, args), nprocs=world, join=True)
+        except Exception as e:
+            errors = [open(os.path.join(tmpdir, f)).read() for f in sorted(os.listdir(tmpdir)) if f.startswith("error")]
+            raise AssertionError("worker failed:\n" + "\n".join(errors)) from e
+
+
+def init(tmpdir, ep=1, sp=1):
+    """init_distributed with a file rendezvous (no ports) and a short timeout, so a hang fails the test."""
+    return parallel.init_distributed(ep=ep, sp=sp, init_method="file://" + os.path.join(tmpdir, "rdzv"),
+                                     timeout_s=60)
+
+
+def assert_close(a, b, tol, what):
+    err = (a - b).abs().max().item() if a.numel() else 0.0
+    scale = b.abs().max().item() if b.numel() else 0.0
+    assert err <= tol * max(scale, 1.0), f"{what}: max abs err {err:.3e} (scale {scale:.3e}, tol {tol:g})"
+
+
+# -----------------------------------------------------------------------------
+# expert parallelism: the MoE layer on R ranks == the single-process layer with all experts
+
+
+def _routed_moe(case, E, dtype, cf=None):
+    """The same MoE on every rank (seeded). Routing is steered through two constant input features (_tokens):
+    x[:, 0] = 4 on every rank, x[:, 1] = +-4 alternating with the rank; gate columns 0 / 1 weight them."""
+    torch.manual_seed(0)
+    moe = MoE(16, 24, E, top_k=2, capacity_factor=cf).to(dtype)
+    pref = {"balanced": torch.zeros(E),  # random routing
+            "skewed": -torch.arange(E, dtype=torch.float64),  # geometric: low experts (rank 0) get most slots
+            "one_rank": (torch.arange(E) >= E - 2).double() * 8.0,  # every slot to the last 2 experts (last rank)
+            "per_rank": torch.zeros(E),  # even ranks prefer even experts, odd ranks odd ones (column 1)
+            }[case]
+    with torch.no_grad():
+        moe.gate.weight[:, 0] = pref.to(dtype)
+        moe.gate.weight[:, 1] = (0.5 - (torch.arange(E) % 2)).to(dtype) if case == "per_rank" else 0.0
+    return moe
+
+
+def _tokens(rank, T, dtype):
+    g = torch.Generator().manual_seed(100 + rank)  # different tokens on every rank, reproducible anywhere
+    x = torch.randn(T, 16, generator=g, dtype=torch.float64)
+    x[:, 0], x[:, 1] = 4.0, 4.0 * (-1) ** rank
+    return x.to(dtype), torch.randn(T, 16, generator=g, dtype=torch.float64).to(dtype)  # input, upstream grad
+
+
+def _ep_worker(rank, world, tmpdir):
+    # a mis-sized layout raises on every rank, before any collective (so no rank hangs)
+    with pytest.raises(ValueError, match=f"world size {world} is not divisible by ep=3"):
+        init(tmpdir, ep=3)
+    layout = init(tmpdir, ep=world)
+    E = 2 * world  # two experts per rank
+    with pytest.raises(ValueError, match=f"num_experts=3 is not divisible by ep={world}"):
+        parallel.apply_expert_parallel(MoE(16, 24, 3), layout)
+    T_of = lambda q: 7 + 4 * q  # uneven token counts per rank
+    # fp64: parallel and reference differ only in summation order -> 1e-12; fp32 (grouped matmul path): 1e-5
+    cases = [("balanced", torch.float64, None), ("skewed", torch.float64, None), ("one_rank", torch.float64, None),
+             ("balanced", torch.float32, None), ("skewed", torch.float64, 1.0), ("one_rank", torch.float64, 1.5)]
+    for case, dtype, cf in cases:
+        tol, what = (1e-12 if dtype == torch.float64 else 1e-5), f"EP {case} {dtype} cf={cf}"
+        ref = _routed_moe(case, E, dtype, cf)
+        moe = parallel.apply_expert_parallel(_routed_moe(case, E, dtype, cf), layout)
+        x, g = _tokens(rank, T_of(rank), dtype)
+        x_ref, x_ep = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_ref, aux_ref = ref(x_ref)
+        y_ep, aux_ep = moe(x_ep)
+        y_ref.backward(g), y_ep.backward(g)
+        assert_close(y_ep, y_ref, tol, what + " output")
+        assert_close(x_ep.grad, x_ref.grad, tol, what + " dx")
+        assert_close(moe.gate.weight.grad, ref.gate.weight.grad, tol, what + " d gate")  # dense: local tokens
+        for name in ("load", "dropped"):
+            assert torch.equal(aux_ep[name], aux_ref[name]), what + " " + name
+        L = E // world
+        for w in ("w1", "w3", "w2"):  # an expert shard's grad = the sum over all ranks' tokens
+            full = getattr(ref, w).grad.clone()
+            dist.all_reduce(full)
+            assert_close(getattr(moe, w).grad, full[rank * L:(rank + 1) * L], tol, f"{what} d{w}")
+        if case == "one_rank":  # all but the last rank received nothing, and every rank but it sent nothing
+            assert aux_ref["load"][:E - 2].sum() == 0
+
+    # global router: EP layer == ONE process holding the group's tokens in rank order (the definition), and
+    # it drops no more slots than the local capacity. T = 8 tokens: cf*K*T/E = 1.0*2*8/(2R) * R is an integer,
+    # so no ceil rounding separates the two capacities.
+    for case in ("per_rank", "skewed"):
+        what = f"global router {case}"
+        moe = parallel.apply_expert_parallel(_routed_moe(case, E, torch.float64, 1.0), layout, global_router=True)
+        local = parallel.apply_expert_parallel(_routed_moe(case, E, torch.float64, 1.0), layout)
+        ref = _routed_moe(case, E, torch.float64, 1.0)
+        xs, gs = zip(*[_tokens(q, 8, torch.float64) for q in range(world)])
+        x_ep = xs[rank].clone().requires_grad_()
+        x_ref = torch.cat(xs).requires_grad_()
+        y_ep, aux_ep = moe(x_ep)
+        y_ref, _ = ref(x_ref)
+        y_ep.backward(gs[rank]), y_ref.backward(torch.cat(gs))
+        rows = slice(8 * rank, 8 * (rank + 1))
+        assert_close(y_ep, y_ref[rows], 1e-12, what + " output")
+        assert_close(x_ep.grad, x_ref.grad[rows], 1e-12, what + " dx")
+        L = E // world
+        for w in ("w1", "w3", "w2"):
+            assert_close(getattr(moe, w).grad, getattr(ref, w).grad[rank * L:(rank + 1) * L], 1e-12, what + " d" + w)
+        dgate = moe.gate.weight.grad.clone()
+        dist.all_reduce(dgate)
+        assert_close(dgate, ref.gate.weight.grad, 1e-12, what + " d gate")
+        # dropped slots over the group, global vs local router
+        _, aux_local = local(xs[rank])
+        dropped = lambda aux: (aux["dropped"] * aux["load"] * 8 * 2).round()  # fractions -> slots per expert
+        n = torch.stack([dropped(aux_ep).sum(), dropped(aux_local).sum()])
+        dist.all_reduce(n)
+        assert n[0] <= n[1], f"{what}: global router dropped {n[0]} slots, local {n[1]}"
+        if case == "per_rank":  # each rank overflows its favourite experts, the group as a whole much less
+            assert n[0] < n[1], f"{what}: global router dropped {n[0]} slots, local {n[1]}"
+        if rank == 0:
+            print(f"global router, {world} ranks, {case} routing: dropped {int(n[0])} slots vs {int(n[1])} local")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_parallel(world):
+    spawn(world, _ep_worker)
