@@ -42,6 +42,20 @@ except ImportError:  # pragma: no cover
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634  # exp(-s x) = exp2(-s log2(e) x): the kernels use exp2 on pre-scaled slopes
 
+if HAS_TRITON and INTERPRET:
+    # Triton 3.6's interpreter turns a loop bound into a Python int with int(ndarray of shape (1,)), which
+    # NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted"), so any `for i in range(lo, hi)` with
+    # runtime bounds fails on CPU. Re-patch that one conversion (the interpreter restores it after each launch).
+    import triton.runtime.interpreter as _interp
+
+    _patch_lang_tensor_orig = _interp._patch_lang_tensor
+
+    def _patch_lang_tensor(tensor, scope):
+        _patch_lang_tensor_orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interp._patch_lang_tensor = _patch_lang_tensor
+
 _announced = set()
 
 
@@ -191,6 +205,366 @@ def lightning_attn_chunked(q, k, v, slope, initial_state=None, output_final_stat
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# Design (see KERNELS.md sections 2-3 for the byte counts): every main kernel is ONE sequential walk over the
+# chunks of a segment that keeps the running (D, E) state in fp32 registers, so no per-chunk state ever goes to
+# HBM (fla's chunk kernels write and re-read one state per chunk: ~1 KB per token-head, as much as q, k, v, o).
+# When B*H programs are too few to fill the GPU (MiniMax TP8 prefill: B1 H8), the sequence is cut into
+# segments of CPS chunks that walk in parallel; a cheap pre-pass computes each segment's own state contribution
+# and a scan over segments gives the state entering each segment (forward) / leaving it (backward):
+#
+#   forward    _seg_state(K, V) -> _seg_scan -> _fwd           (one segment: _fwd alone)
+#   backward   _seg_state(Q, dO, reverse) -> _seg_scan(reverse) -> _bwd_dq, _bwd_dkdv
+#
+# Per chunk (rows r, columns c, true length L), g = s*log2(e):  a_r = 2^(-g(r+1)),  b_r = 2^(-g(L-1-r)),
+# Lam_rc = 2^(-g(r-c)) for r >= c else 0. Every exponent is <= 0 (masked with -inf BEFORE exp2), so nothing
+# overflows for any slope and chunk size. Dot operands are in the input dtype (bf16 tensor cores) with fp32
+# accumulation; fp32/fp16 inputs and the interpreter use fp32 operands (TF32 on GPU; the interpreter gives
+# wrong bf16 dots, KERNELS.md section 9). fp16 operands are avoided because states grow ~N in slow heads.
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _op(x, DOT_FP32: tl.constexpr):
+        """Cast a tile to the tensor-core operand dtype: bf16, or fp32 when DOT_FP32."""
+        if DOT_FP32:
+            return x.to(tl.float32)
+        else:
+            return x.to(tl.bfloat16)
+
+    @triton.jit
+    def _seg_state_kernel(X, Y, DELTA, SLOPE, N, H, CPS,
+                          DX: tl.constexpr, DY: tl.constexpr, C: tl.constexpr, BX: tl.constexpr,
+                          BY: tl.constexpr, REVERSE: tl.constexpr, DOT_FP32: tl.constexpr):
+        """Each segment's own state, as if it started from zero. Forward: X=K, Y=V, weights b, walk forward:
+        delta = sum_i lam^(tokens after chunk i) (K_i*b)^T V_i. Backward: X=Q, Y=dO, weights a, walk in reverse:
+        delta = sum_i lam^(tokens before chunk i) (Q_i*a)^T dO_i. Grid (DX/BX * DY/BY, n_seg, B*H)."""
+        pid_xy, pid_s, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n_seg = tl.num_programs(1)
+        pid_x, pid_y = pid_xy // (DY // BY), pid_xy % (DY // BY)
+        g = tl.load(SLOPE + pid_bh % H) * 1.4426950408889634                  # log2 decay per token
+        offs_c = tl.arange(0, C)
+        offs_x = pid_x * BX + tl.arange(0, BX)
+        offs_y = pid_y * BY + tl.arange(0, BY)
+        X += pid_bh.to(tl.int64) * N * DX                                        # this (b, h): (N, DX)
+        Y += pid_bh.to(tl.int64) * N * DY
+        i_first = pid_s * CPS
+        n_chunks = tl.minimum(CPS, tl.cdiv(N, C) - i_first)
+        acc = tl.zeros([BX, BY], dtype=tl.float32)                               # (BX, BY) fp32
+        for j in range(0, n_chunks):
+            if REVERSE:
+                i = i_first + n_chunks - 1 - j
+            else:
+                i = i_first + j
+            L = tl.minimum(C, N - i * C)                                         # true chunk length (tail)
+            rows = i * C + offs_c
+            x = tl.load(X + rows[:, None] * DX + offs_x[None, :], mask=(offs_c < L)[:, None], other=0.)
+            y = tl.load(Y + rows[:, None] * DY + offs_y[None, :], mask=(offs_c < L)[:, None], other=0.)
+            if REVERSE:
+                w = tl.exp2(-g * (offs_c + 1).to(tl.float32))                    # a_r (query decay)
+            else:
+                w = tl.exp2(tl.where(offs_c < L, -g * (L - 1 - offs_c).to(tl.float32), float("-inf")))  # b_r
+            # -- acc <- lam^L acc + X^T (Y * w) --
+            acc = tl.dot(tl.trans(_op(x, DOT_FP32)), _op(y * w[:, None], DOT_FP32), acc * tl.exp2(-g * L))
+        DELTA += (pid_bh.to(tl.int64) * n_seg + pid_s) * DX * DY
+        tl.store(DELTA + offs_x[:, None] * DY + offs_y[None, :], acc)
+
+    @triton.jit
+    def _seg_scan_kernel(BUF, SLOPE, INIT, FINAL, N, H, SEG_LEN, NSEG,
+                         DE: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr,
+                         HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
+        """In place over BUF (B*H, NSEG, D*E): segment deltas in, segment boundary states out.
+        Forward: BUF[g] <- state entering segment g (from INIT = h0), FINAL <- final state.
+        Reverse: BUF[g] <- gradient of the state leaving segment g (from INIT = d final), FINAL <- d h0."""
+        pid_x, pid_bh = tl.program_id(0), tl.program_id(1)
+        g = tl.load(SLOPE + pid_bh % H) * 1.4426950408889634
+        offs = pid_x * BLOCK + tl.arange(0, BLOCK)
+        BUF += pid_bh.to(tl.int64) * NSEG * DE
+        cur = tl.zeros([BLOCK], dtype=tl.float32)
+        if HAS_INIT:
+            cur = tl.load(INIT + pid_bh.to(tl.int64) * DE + offs)
+        for j in range(0, NSEG):
+            sg = NSEG - 1 - j if REVERSE else j
+            seg_tokens = tl.minimum(SEG_LEN, N - sg * SEG_LEN)
+            delta = tl.load(BUF + sg * DE + offs)
+            tl.store(BUF + sg * DE + offs, cur)
+            cur = cur * tl.exp2(-g * seg_tokens) + delta                         # pass the state over segment sg
+        if STORE_FINAL:
+            tl.store(FINAL + pid_bh.to(tl.int64) * DE + offs, cur)
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, O, SLOPE, HS, HT, N, H, CPS,
+                    D: tl.constexpr, E: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                    HAS_HS: tl.constexpr, STORE_HT: tl.constexpr, DOT_FP32: tl.constexpr):
+        """O for one (value slice, segment, b*h): walk the segment's chunks with the state h (D, BV) in registers.
+        HS (B*H, n_seg, D, E): state entering each segment (h0 for segment 0); HT: final state out."""
+        pid_v, pid_s, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n_seg = tl.num_programs(1)
+        g = tl.load(SLOPE + pid_bh % H) * 1.4426950408889634                  # log2 decay per token
+        offs_c = tl.arange(0, C)
+        offs_d = tl.arange(0, D)
+        offs_v = pid_v * BV + tl.arange(0, BV)
+        Q += pid_bh.to(tl.int64) * N * D                                         # (N, D) of this (b, h)
+        K += pid_bh.to(tl.int64) * N * D
+        V += pid_bh.to(tl.int64) * N * E                                         # (N, E)
+        O += pid_bh.to(tl.int64) * N * E
+        # decays shared by every chunk (a tail chunk only changes b and lam^L)
+        diff = (offs_c[:, None] - offs_c[None, :]).to(tl.float32)               # (C, C): r - c
+        lam = tl.exp2(tl.where(diff >= 0, -g * diff, float("-inf")))             # (C, C) causal decay mask
+        a = tl.exp2(-g * (offs_c + 1).to(tl.float32))                            # (C,) query decay lam^(r+1)
+        h = tl.zeros([D, BV], dtype=tl.float32)                                  # (D, BV) fp32 running state
+        if HAS_HS:
+            h = tl.load(HS + (pid_bh.to(tl.int64) * n_seg + pid_s) * D * E + offs_d[:, None] * E + offs_v[None, :])
+        i_first = pid_s * CPS
+        i_last = tl.minimum(i_first + CPS, tl.cdiv(N, C))
+        for i in range(i_first, i_last):
+            L = tl.minimum(C, N - i * C)                                         # true chunk length (tail)
+            rows = i * C + offs_c
+            mask = (offs_c < L)[:, None]
+            q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.)   # (C, D)
+            k = tl.load(K + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.)   # (C, D)
+            v = tl.load(V + rows[:, None] * E + offs_v[None, :], mask=mask, other=0.)   # (C, BV)
+            b = tl.exp2(tl.where(offs_c < L, -g * (L - 1 - offs_c).to(tl.float32), float("-inf")))  # (C,)
+            # -- intra-chunk: ((Q K^T) * Lam) V --
+            s = tl.dot(_op(q, DOT_FP32), tl.trans(_op(k, DOT_FP32)))             # (C, C) fp32
+            o = tl.dot(_op(s * lam, DOT_FP32), _op(v, DOT_FP32))                 # (C, BV)
+            # -- inter-chunk: (Q h) * a, the decay applied after the dot so q is not rounded twice --
+            o += tl.dot(_op(q, DOT_FP32), _op(h, DOT_FP32)) * a[:, None]
+            tl.store(O + rows[:, None] * E + offs_v[None, :], o.to(O.dtype.element_ty), mask=mask)
+            # -- update state: h <- lam^L h + K^T (V * b) --
+            h = tl.dot(tl.trans(_op(k, DOT_FP32)), _op(v * b[:, None], DOT_FP32), h * tl.exp2(-g * L))
+        if STORE_HT:
+            if pid_s == n_seg - 1:
+                tl.store(HT + pid_bh.to(tl.int64) * D * E + offs_d[:, None] * E + offs_v[None, :], h)
+
+    @triton.jit
+    def _bwd_dq_kernel(K, V, DO, DQ, SLOPE, HS, N, H, CPS,
+                       D: tl.constexpr, E: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                       HAS_HS: tl.constexpr, DOT_FP32: tl.constexpr):
+        """dQ = (dP K) + (dO h^T) * a with dP = (dO V^T) * Lam: a forward walk re-building the state slice
+        h[k slice, :] (BK, E) from the saved segment-start states HS. Grid (D/BK, n_seg, B*H)."""
+        pid_k, pid_s, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n_seg = tl.num_programs(1)
+        g = tl.load(SLOPE + pid_bh % H) * 1.4426950408889634
+        offs_c = tl.arange(0, C)
+        offs_k = pid_k * BK + tl.arange(0, BK)
+        offs_e = tl.arange(0, E)
+        K += pid_bh.to(tl.int64) * N * D
+        DQ += pid_bh.to(tl.int64) * N * D
+        V += pid_bh.to(tl.int64) * N * E
+        DO += pid_bh.to(tl.int64) * N * E
+        diff = (offs_c[:, None] - offs_c[None, :]).to(tl.float32)
+        lam = tl.exp2(tl.where(diff >= 0, -g * diff, float("-inf")))             # (C, C)
+        a = tl.exp2(-g * (offs_c + 1).to(tl.float32))                            # (C,)
+        h = tl.zeros([BK, E], dtype=tl.float32)                                  # (BK, E) state slice
+        if HAS_HS:
+            h = tl.load(HS + (pid_bh.to(tl.int64) * n_seg + pid_s) * D * E + offs_k[:, None] * E + offs_e[None, :])
+        i_first = pid_s * CPS
+        i_last = tl.minimum(i_first + CPS, tl.cdiv(N, C))
+        for i in range(i_first, i_last):
+            L = tl.minimum(C, N - i * C)
+            rows = i * C + offs_c
+            mask = (offs_c < L)[:, None]
+            k = tl.load(K + rows[:, None] * D + offs_k[None, :], mask=mask, other=0.)   # (C, BK)
+            v = tl.load(V + rows[:, None] * E + offs_e[None, :], mask=mask, other=0.)   # (C, E)
+            do = tl.load(DO + rows[:, None] * E + offs_e[None, :], mask=mask, other=0.)  # (C, E)
+            b = tl.exp2(tl.where(offs_c < L, -g * (L - 1 - offs_c).to(tl.float32), float("-inf")))
+            # -- intra-chunk: dP = (dO V^T) * Lam, dQ = dP K --
+            dp = tl.dot(_op(do, DOT_FP32), tl.trans(_op(v, DOT_FP32))) * lam     # (C, C)
+            dq = tl.dot(_op(dp, DOT_FP32), _op(k, DOT_FP32))                     # (C, BK)
+            # -- inter-chunk: (dO h^T) * a --
+            dq += tl.dot(_op(do, DOT_FP32), tl.trans(_op(h, DOT_FP32))) * a[:, None]
+            tl.store(DQ + rows[:, None] * D + offs_k[None, :], dq.to(DQ.dtype.element_ty), mask=mask)
+            # -- update state slice: h <- lam^L h + K^T (V * b) --
+            h = tl.dot(tl.trans(_op(k, DOT_FP32)), _op(v * b[:, None], DOT_FP32), h * tl.exp2(-g * L))
+
+    @triton.jit
+    def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, SLOPE, DHS, DH0, N, H, CPS,
+                         D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
+                         HAS_DHS: tl.constexpr, STORE_DH0: tl.constexpr, DOT_FP32: tl.constexpr):
+        """dK, dV in one reverse walk with the state gradient dh (D, E) in registers:
+            dV = A^T dO + (K dh) * b          A  = (Q K^T) * Lam
+            dK = dP^T Q + (V dh^T) * b        dP = (dO V^T) * Lam
+            dh <- lam^L dh + (Q * a)^T dO     (dh of the state entering the chunk)
+        DHS (B*H, n_seg, D, E): gradient of the state leaving each segment (d final state for the last one).
+        Grid (1, n_seg, B*H)."""
+        pid_s, pid_bh = tl.program_id(1), tl.program_id(2)
+        n_seg = tl.num_programs(1)
+        g = tl.load(SLOPE + pid_bh % H) * 1.4426950408889634
+        offs_c = tl.arange(0, C)
+        offs_d = tl.arange(0, D)
+        offs_e = tl.arange(0, E)
+        Q += pid_bh.to(tl.int64) * N * D
+        K += pid_bh.to(tl.int64) * N * D
+        DK += pid_bh.to(tl.int64) * N * D
+        V += pid_bh.to(tl.int64) * N * E
+        DO += pid_bh.to(tl.int64) * N * E
+        DV += pid_bh.to(tl.int64) * N * E
+        diff = (offs_c[None, :] - offs_c[:, None]).to(tl.float32)               # (C, C) [c, r]: r - c
+        lam_t = tl.exp2(tl.where(diff >= 0, -g * diff, float("-inf")))           # (C, C) Lam transposed
+        a = tl.exp2(-g * (offs_c + 1).to(tl.float32))                            # (C,)
+        dh = tl.zeros([D, E], dtype=tl.float32)                                  # (D, E) fp32 state gradient
+        if HAS_DHS:
+            dh = tl.load(DHS + (pid_bh.to(tl.int64) * n_seg + pid_s) * D * E + offs_d[:, None] * E + offs_e[None, :])
+        i_first = pid_s * CPS
+        n_chunks = tl.minimum(CPS, tl.cdiv(N, C) - i_first)
+        for j in range(0, n_chunks):
+            i = i_first + n_chunks - 1 - j                                       # walk the chunks backwards
+            L = tl.minimum(C, N - i * C)
+            rows = i * C + offs_c
+            mask = (offs_c < L)[:, None]
+            q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.)   # (C, D)
+            k = tl.load(K + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.)   # (C, D)
+            v = tl.load(V + rows[:, None] * E + offs_e[None, :], mask=mask, other=0.)   # (C, E)
+            do = tl.load(DO + rows[:, None] * E + offs_e[None, :], mask=mask, other=0.)  # (C, E)
+            b = tl.exp2(tl.where(offs_c < L, -g * (L - 1 - offs_c).to(tl.float32), float("-inf")))
+            dh_op = _op(dh, DOT_FP32)
+            # -- dV = A^T dO + (K dh) * b --
+            a_t = tl.dot(_op(k, DOT_FP32), tl.trans(_op(q, DOT_FP32))) * lam_t   # (C, C) = A^T
+            dv = tl.dot(_op(a_t, DOT_FP32), _op(do, DOT_FP32))                   # (C, E)
+            dv += tl.dot(_op(k, DOT_FP32), dh_op) * b[:, None]
+            tl.store(DV + rows[:, None] * E + offs_e[None, :], dv.to(DV.dtype.element_ty), mask=mask)
+            # -- dK = dP^T Q + (V dh^T) * b --
+            dp_t = tl.dot(_op(v, DOT_FP32), tl.trans(_op(do, DOT_FP32))) * lam_t  # (C, C) = dP^T
+            dk = tl.dot(_op(dp_t, DOT_FP32), _op(q, DOT_FP32))                   # (C, D)
+            dk += tl.dot(_op(v, DOT_FP32), tl.trans(dh_op)) * b[:, None]
+            tl.store(DK + rows[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=mask)
+            # -- update state gradient: dh <- lam^L dh + Q^T (dO * a) --
+            dh = tl.dot(tl.trans(_op(q, DOT_FP32)), _op(do * a[:, None], DOT_FP32), dh * tl.exp2(-g * L))
+        if STORE_DH0:
+            if pid_s == 0:
+                tl.store(DH0 + pid_bh.to(tl.int64) * D * E + offs_d[:, None] * E + offs_e[None, :], dh)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# autograd Function: shape checks, allocation, grids, launches
+
+
+_HEAD_DIMS = (16, 32, 64, 128)   # powers of two (no masks on D/E); > 128 would need a split state (registers)
+_MIN_CHUNKS_PER_SEGMENT = 8      # below this, the segment pre-pass + scan cost more than the parallelism gains
+
+
+def _num_segments(n_chunks, n_programs, device, chunks_per_segment):
+    """Split each sequence into segments until the sequential kernels have ~2 programs per SM."""
+    if chunks_per_segment is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        want = math.ceil(2 * sms / n_programs)                                   # segments per sequence wanted
+        chunks_per_segment = max(_MIN_CHUNKS_PER_SEGMENT, math.ceil(n_chunks / want))
+    chunks_per_segment = max(1, min(chunks_per_segment, n_chunks))
+    return math.ceil(n_chunks / chunks_per_segment), chunks_per_segment
+
+
+def _segment_states(x, y, slope, init, final, n_seg, cps, C, reverse, dot_fp32):
+    """Pre-pass + scan: (B*H, n_seg, Dx, Dy) fp32 states at segment boundaries (see _seg_state/_seg_scan)."""
+    B, H, N, DX = x.shape
+    DY = y.shape[-1]
+    buf = torch.empty(B * H, n_seg, DX, DY, device=x.device, dtype=torch.float32)
+    BX, BY = min(64, DX), min(64, DY)
+    _seg_state_kernel[((DX // BX) * (DY // BY), n_seg, B * H)](
+        x, y, buf, slope, N, H, cps, DX=DX, DY=DY, C=C, BX=BX, BY=BY, REVERSE=reverse, DOT_FP32=dot_fp32,
+        num_warps=4)
+    BLOCK = min(1024, DX * DY)
+    _seg_scan_kernel[(DX * DY // BLOCK, B * H)](
+        buf, slope, init, final, N, H, cps * C, n_seg, DE=DX * DY, BLOCK=BLOCK, REVERSE=reverse,
+        HAS_INIT=init is not None, STORE_FINAL=final is not None, num_warps=4)
+    return buf
+
+
+# Launch parameters per kernel. One small, commented table instead of an autotuner: the bench sweeps them.
+#   BV (forward value slice): E keeps q, k read once (1 KB/token-head); E/2 halves registers, doubles programs.
+#   BK (dq key slice), num_warps, num_stages (software-pipelining depth of the chunk loads).
+_CONFIG = {"fwd": dict(BV=128, num_warps=8, num_stages=2),
+           "dq": dict(BK=128, num_warps=8, num_stages=2),
+           "dkdv": dict(num_warps=8, num_stages=2)}
+
+
+def _launch_opts(name, D, E):
+    cfg = dict(_CONFIG[name])
+    if INTERPRET:
+        cfg.pop("num_stages"), cfg.pop("num_warps")
+    for key, dim in (("BV", E), ("BK", D)):
+        if key in cfg:
+            cfg[key] = min(cfg[key], dim)
+    return cfg
+
+
+class _LightningAttnFn(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, slope, h0, output_final_state, chunk_size, chunks_per_segment):
+        B, H, N, D = q.shape
+        E = v.shape[-1]
+        C = chunk_size
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()                 # kernels assume (B, H, N, D)
+        slope = slope.float().contiguous()
+        h0 = None if h0 is None else h0.float().contiguous()
+        dot_fp32 = INTERPRET or q.dtype != torch.bfloat16
+        NT = triton.cdiv(N, C)
+        n_seg, cps = _num_segments(NT, B * H, q.device, chunks_per_segment)
+        o = torch.empty_like(v)                                                  # (B, H, N, E) in v's dtype
+        ht = torch.empty(B, H, D, E, device=q.device, dtype=torch.float32) if output_final_state else None
+        # -- states entering each segment (h0 for the first): a pre-pass + scan only if there are >1 segments --
+        hs = h0
+        if n_seg > 1:
+            hs = _segment_states(k, v, slope, h0, ht, n_seg, cps, C, False, dot_fp32)
+        cfg = _launch_opts("fwd", D, E)
+        _fwd_kernel[lambda META: (E // META["BV"], n_seg, B * H)](
+            q, k, v, o, slope, hs, ht, N, H, cps, D=D, E=E, C=C, HAS_HS=hs is not None,
+            STORE_HT=output_final_state and n_seg == 1, DOT_FP32=dot_fp32, **cfg)
+        ctx.save_for_backward(q, k, v, slope, hs)
+        ctx.meta = (h0 is not None, C, n_seg, cps, dot_fp32)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, slope, hs = ctx.saved_tensors
+        has_h0, C, n_seg, cps, dot_fp32 = ctx.meta
+        B, H, N, D = q.shape
+        E = v.shape[-1]
+        do = do.contiguous()
+        dht = None if dht is None else dht.float().contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dh0 = torch.empty(B, H, D, E, device=q.device, dtype=torch.float32) if has_h0 else None
+        # -- gradients of the states leaving each segment (d final state for the last one) --
+        dhs = dht
+        if n_seg > 1:
+            dhs = _segment_states(q, do, slope, dht, dh0, n_seg, cps, C, True, dot_fp32)
+        cfg = _launch_opts("dq", D, E)
+        _bwd_dq_kernel[lambda META: (D // META["BK"], n_seg, B * H)](
+            k, v, do, dq, slope, hs, N, H, cps, D=D, E=E, C=C, HAS_HS=hs is not None, DOT_FP32=dot_fp32, **cfg)
+        _bwd_dkdv_kernel[(1, n_seg, B * H)](
+            q, k, v, do, dk, dv, slope, dhs, dh0, N, H, cps, D=D, E=E, C=C, HAS_DHS=dhs is not None,
+            STORE_DH0=has_h0 and n_seg == 1, DOT_FP32=dot_fp32, **_launch_opts("dkdv", D, E))
+        return dq, dk, dv, None, dh0, None, None, None
+
+
+def lightning_attn_triton(q, k, v, slope, initial_state=None, output_final_state=False, chunk_size=64,
+                          chunks_per_segment=None):
+    """Lightning attention with the Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1).
+    Same arguments and returns as lightning_attn; chunk_size (power of two, 16..128) and chunks_per_segment
+    (None: enough segments to fill the GPU) are tuning knobs that do not change the result beyond rounding."""
+    if not HAS_TRITON:
+        raise RuntimeError("lightning_attn_triton: Triton is not installed; use lightning_attn_chunked")
+    _check_inputs(q, k, v, slope, initial_state, (torch.float32, torch.bfloat16, torch.float16),
+                  "lightning_attn_triton")
+    D, E = q.shape[-1], v.shape[-1]
+    if D not in _HEAD_DIMS or E not in _HEAD_DIMS:
+        raise ValueError(f"lightning_attn_triton: head dims D={D}, E={E} not supported; the kernels take "
+                         f"D, E in {_HEAD_DIMS} (use lightning_attn_chunked for other sizes)")
+    if chunk_size not in (16, 32, 64, 128):
+        raise ValueError(f"lightning_attn_triton: chunk_size must be 16, 32, 64 or 128, got {chunk_size}")
+    if not q.is_cuda and not INTERPRET:
+        raise ValueError("lightning_attn_triton: CPU tensors need TRITON_INTERPRET=1 set before importing "
+                         "lightning_attn (or call lightning_attn / lightning_attn_chunked)")
+    if initial_state is not None and initial_state.dtype != torch.float32:
+        raise ValueError(f"lightning_attn_triton: initial_state must be fp32, got {initial_state.dtype}")
+    return _LightningAttnFn.apply(q, k, v, slope, initial_state, output_final_state, chunk_size,
+                                  chunks_per_segment)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # public wrapper
 
 
@@ -198,7 +572,7 @@ def lightning_attn(q, k, v, slope, initial_state=None, output_final_state=False)
     """Lightning attention, (o, final_state). CUDA tensors run the Triton kernels; anything else runs the chunked
     PyTorch path (printed once). q, k: (B, H, N, D); v: (B, H, N, E); slope (H,); initial_state (B, H, D, E) fp32.
     Differentiable in q, k, v and initial_state (not in slope: MiniMax's slopes are fixed buffers)."""
-    if q.is_cuda and HAS_TRITON and "lightning_attn_triton" in globals():
+    if q.is_cuda and HAS_TRITON:
         return lightning_attn_triton(q, k, v, slope, initial_state, output_final_state)
     _announce("lightning_attn: no CUDA tensors -> pure-PyTorch chunked path (slow twin of the Triton kernels)")
     o, final = lightning_attn_chunked(q, k, v, slope, initial_state, output_final_state)
