@@ -1,0 +1,795 @@
+"""
+The MiniMax-Text-01 language model, top to bottom in one file: a hybrid of lightning (linear) attention and
+softmax attention, a mixture-of-experts feed-forward in every layer, and a post-norm DeepNorm residual.
+
+    tokens -> embed_tokens -> L x Block -> norm -> lm_head -> logits
+
+    Block l (attention kind chosen by the layer index; 'hybrid': softmax where (l + 1) % 8 == 0):
+        h = input_layernorm(x)
+        x = alpha * h + beta * Attn_l(h)          Attn_l = LightningAttention or SoftmaxAttention
+        h = post_attention_layernorm(x)
+        x = alpha * h + beta * MoE(h)             moe.MoE: 32 SwiGLU experts, top-2 in the real model
+
+The residual carries the *normed* input h (post-norm, as in the released model); alpha = (2N)^(1/4) keeps the
+residual stream dominant in deep stacks (DeepNet). A lightning layer keeps one d x d state per head, so its cost
+per generated token does not grow with the context; the softmax layers (1 in 8) keep a normal KV cache.
+
+References:
+  MiniMax-01 technical report, arXiv 2501.08313 (sections 2 and 4.2); ../shared/MINIMAX01.md has every detail with
+  its source. DeepNet / DeepNorm, arXiv 2203.00555. RoPE, arXiv 2104.09864. Lightning Attention-2, 2401.04658.
+  Outside reference for the tests: transformers' native MiniMaxForCausalLM (models/minimax/modeling_minimax.py).
+
+Letters: B batch, T tokens, D hidden (hidden_size), H heads, Hkv KV heads, Dh head dim, V vocab, L layers,
+E experts, K experts per token.
+
+Run:  python model.py            (prints the presets' parameter counts; builds minimax-text-01 on 'meta')
+Test: python -m pytest -q tests/test_model.py
+"""
+
+import glob
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightning_attn import build_slopes, lightning_attn, lightning_attn_decode
+from moe import MoE
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class MiniMaxConfig:
+    # the defaults are a small runnable model (MINIMAX01.md section 10's toy config); presets are below
+    vocab_size: int = 50304
+    hidden_size: int = 512
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8  # both attention kinds
+    num_key_value_heads: int = 2  # softmax layers only (GQA)
+    head_dim: int = 64
+    intermediate_size: int = 768  # hidden size F of ONE expert
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    rotary_dim: int | None = None  # RoPE on the first rotary_dim dims of a head; None -> head_dim // 2
+    rope_theta: float = 1e7
+    rms_norm_eps: float = 1e-5  # decoder norms (the lightning output norm uses 1e-6, as the reference)
+    block_size: int = 64  # lightning chunk of the reference code; our kernels pick their own (the math is exact)
+    max_position_embeddings: int = 1024  # longest sequence (prompt + generated) the model accepts
+    layer_pattern: str = "hybrid"  # 'hybrid' | 'softmax' | 'lightning' | 'custom' (layer_types given)
+    softmax_every: int = 8  # 'hybrid': softmax attention at layers l with (l + 1) % softmax_every == 0
+    layer_types: list[str] | None = None  # derived: 'linear_attention' / 'full_attention' per layer
+    # DeepNorm residual x = alpha * h + beta * f(h), per sub-layer (HF names); alpha None -> (2N)^(1/4)
+    full_attn_alpha_factor: float | None = None
+    linear_attn_alpha_factor: float | None = None
+    mlp_alpha_factor: float | None = None
+    full_attn_beta_factor: float = 1.0
+    linear_attn_beta_factor: float = 1.0
+    mlp_beta_factor: float = 1.0
+    # MoE training knobs (moe.MoE): None = dropless; Switch balance loss and router z-loss coefficients
+    capacity_factor: float | None = None
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"MiniMaxConfig: {msg}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "intermediate_size", "num_local_experts",
+                     "num_experts_per_tok", "block_size", "max_position_embeddings", "softmax_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(f"{name} must be a positive int, got {v!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            bad(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}")
+        if self.num_experts_per_tok > self.num_local_experts:
+            bad(f"num_experts_per_tok={self.num_experts_per_tok} > num_local_experts={self.num_local_experts}")
+        if self.rotary_dim is None:
+            self.rotary_dim = self.head_dim // 2  # MiniMax-01 rotates half of each head [P section 2.4]
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            bad(f"rotary_dim must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}")
+        # the hybrid layout: one field (layer_pattern) and one helper (layer_types_for)
+        L = self.num_hidden_layers
+        if self.layer_pattern == "custom":
+            if self.layer_types is None or len(self.layer_types) != L:
+                bad(f"layer_pattern='custom' needs layer_types, a list of {L} entries")
+            if not set(self.layer_types) <= {"linear_attention", "full_attention"}:
+                bad(f"layer_types entries must be 'linear_attention' or 'full_attention', got {self.layer_types}")
+            self.layer_types = list(self.layer_types)
+        else:
+            derived = layer_types_for(self.layer_pattern, L, self.softmax_every)
+            if self.layer_types is not None and list(self.layer_types) != derived:
+                bad(f"layer_types {self.layer_types} contradict layer_pattern={self.layer_pattern!r} with "
+                    f"{L} layers; pass layer_pattern='custom' to give layer_types explicitly")
+            self.layer_types = derived
+        alpha = (2 * L) ** 0.25  # DeepNorm residual scale [P section 4.2]
+        for name in ("full_attn_alpha_factor", "linear_attn_alpha_factor", "mlp_alpha_factor"):
+            if getattr(self, name) is None:
+                setattr(self, name, alpha)
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """MiniMaxConfig.from_preset('tiny', vocab_size=257): a named size with some fields replaced."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+def layer_types_for(pattern, num_layers, softmax_every=8):
+    """The attention kind of every layer: 'full_attention' (softmax) or 'linear_attention' (lightning)."""
+    if pattern == "hybrid":  # MiniMax-01: 7 lightning layers, then 1 softmax layer, repeated
+        return ["full_attention" if (l + 1) % softmax_every == 0 else "linear_attention" for l in range(num_layers)]
+    if pattern == "softmax":
+        return ["full_attention"] * num_layers
+    if pattern == "lightning":
+        return ["linear_attention"] * num_layers
+    raise ValueError(f"unknown layer_pattern {pattern!r}; choose 'hybrid', 'softmax', 'lightning' or 'custom'")
+
+
+# Named sizes. The vocabulary belongs to the tokenizer, not the preset: train.py overrides vocab_size from the
+# dataset's meta.json (257 for bytes, 50257 for gpt2, 100277 for cl100k); the values here are defaults.
+PRESETS = {
+    # CPU tests in seconds: 4 layers, softmax at layers 1 and 3, 4 experts
+    "tiny": dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, softmax_every=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, rotary_dim=8, intermediate_size=96, num_local_experts=4,
+                 num_experts_per_tok=2, block_size=16, max_position_embeddings=512),
+    # GPU demo: 16 layers (softmax at 7, 15), ~97M active / ~325M total parameters without the embeddings
+    "small": dict(vocab_size=50304, hidden_size=512, num_hidden_layers=16, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=64, rotary_dim=32, intermediate_size=1536, num_local_experts=8,
+                  num_experts_per_tok=2, block_size=64, max_position_embeddings=4096),
+    # the benchmark shape (bench/): 8 layers with softmax attention at layer 7 only
+    "bench": dict(vocab_size=32768, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
+                  num_key_value_heads=4, head_dim=64, rotary_dim=32, intermediate_size=1536, num_local_experts=16,
+                  num_experts_per_tok=2, block_size=256, max_position_embeddings=65536),
+    # the released model's shape (MINIMAX01.md section 1): 456B total / 45.9B active parameters
+    "minimax-text-01": dict(vocab_size=200064, hidden_size=6144, num_hidden_layers=80, num_attention_heads=64,
+                            num_key_value_heads=8, head_dim=128, rotary_dim=64, rope_theta=1e7,
+                            intermediate_size=9216, num_local_experts=32, num_experts_per_tok=2, block_size=256,
+                            max_position_embeddings=10240000),
+}
+
+# -----------------------------------------------------------------------------
+# small pieces: RMSNorm and rotary embeddings
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and returned in x's dtype."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def rope_cos_sin(positions, inv_freq):
+    """positions (T,) int -> cos, sin (T, rotary_dim) fp32, the frequencies laid out twice (rotate-half)."""
+    freqs = torch.outer(positions.float(), inv_freq)  # (T, rotary_dim / 2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, rotary_dim)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the first rotary_dim dims of every head of x (B, H, T, Dh); the rest pass through unchanged.
+
+    NeoX "rotate-half" pairing inside the rotary dims: dim i pairs with dim i + rotary_dim/2 (as the released
+    MiniMax code and vLLM; transformers' native MiniMax does the same over the full head dim).
+    """
+    rd = cos.shape[-1]
+    x_rot, x_pass = x[..., :rd].float(), x[..., rd:]  # (B, H, T, rd), (B, H, T, Dh - rd)
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    x_rot = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin  # cos/sin (T, rd) broadcast over B, H
+    return torch.cat((x_rot.to(x.dtype), x_pass), dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# the two attention kinds
+
+
+class SoftmaxAttention(nn.Module):
+    """Causal GQA softmax attention with partial RoPE (10 of the 80 layers of MiniMax-Text-01)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                      config.head_dim)
+        D, inner, kv = config.hidden_size, self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        self.q_proj = nn.Linear(D, inner, bias=False)
+        self.k_proj = nn.Linear(D, kv, bias=False)
+        self.v_proj = nn.Linear(D, kv, bias=False)
+        self.o_proj = nn.Linear(inner, D, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        """x (B, T, D) -> (B, T, D). With a cache: the new k, v go to slots [pos, pos + T), then attend to all."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        mask, causal = None, True
+        if cache is not None:
+            cache["k"][:, :, pos:pos + T] = k  # the cache is preallocated: writes in place, no re-allocation
+            cache["v"][:, :, pos:pos + T] = v
+            k = cache["k"][:, :, :pos + T].to(q.dtype)  # (B, Hkv, pos + T, Dh): everything seen so far
+            v = cache["v"][:, :, :pos + T].to(q.dtype)
+            causal = False
+            if T > 1:  # query i sits at position pos + i and sees keys 0 .. pos + i
+                q_pos = torch.arange(pos, pos + T, device=x.device)
+                mask = torch.arange(pos + T, device=x.device)[None, :] <= q_pos[:, None]  # (T, pos + T) bool
+        # SDPA: scale 1/sqrt(Dh); the flash/efficient kernels and the math path all take the softmax in fp32.
+        # enable_gqa lets each group of H / Hkv query heads share one KV head without materialising copies.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H * Dh)
+        return self.o_proj(y)
+
+
+class LightningAttention(nn.Module):
+    """Linear attention with a per-head exponential decay (70 of the 80 layers of MiniMax-Text-01).
+
+    Per head h, with lambda_h = exp(-slope_h):  o_t = sum_{j <= t} lambda_h^(t - j) (q_t . k_j) v_j
+    (no 1/sqrt(d), no softmax, no normaliser; the RMSNorm over the heads' outputs plays that role). Equivalently
+    a recurrence over a d x d state S_t = lambda S_{t-1} + k_t v_t^T, o_t = S_t^T q_t: that is what the cache
+    holds. The chunked kernels of lightning_attn.py compute the same thing for a whole sequence.
+    """
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx, self.num_layers = layer_idx, config.num_hidden_layers
+        self.n_head, self.head_dim = config.num_attention_heads, config.head_dim
+        D, inner = config.hidden_size, self.n_head * self.head_dim
+        self.qkv_proj = nn.Linear(D, 3 * inner, bias=False)  # per head [q_h | k_h | v_h], NOT [all q | all k | ..]
+        self.output_gate = nn.Linear(D, inner, bias=False)
+        self.norm = RMSNorm(inner, eps=1e-6)  # ONE norm over all heads jointly (reference eps 1e-6)
+        self.out_proj = nn.Linear(inner, D, bias=False)
+        # decay slopes, fixed (not trained, not in checkpoints): set in MiniMax._init_buffers from the GLOBAL
+        # layer index, so the softmax layers count in the per-layer scaling
+        self.register_buffer("slope", torch.empty(self.n_head), persistent=False)
+
+    def forward(self, x, cache=None, pos=0):
+        """x (B, T, D) -> (B, T, D). With a cache: start from its state and leave the final state there."""
+        B, T, _ = x.shape
+        H, Dh = self.n_head, self.head_dim
+        qkv = F.silu(self.qkv_proj(x)).view(B, T, H, 3 * Dh)  # SiLU on q, k AND v
+        q, k, v = qkv.transpose(1, 2).split(Dh, dim=-1)  # each (B, H, T, Dh)
+        if cache is None:  # training / plain forward: chunked kernel from a zero state
+            o, _ = lightning_attn(q, k, v, self.slope)  # (B, H, T, Dh)
+        elif T == 1:  # decode: one recurrence step, O(Dh^2) per head whatever the context length
+            o, state = lightning_attn_decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.slope, cache["state"])
+            cache["state"].copy_(state)  # in place: the cache tensors keep their addresses (CUDA-graph friendly)
+            o = o.to(v.dtype).unsqueeze(2)  # (B, H, 1, Dh)
+        else:  # prefill (or a multi-token step): chunked kernel that continues from and returns the state
+            initial = cache["state"] if pos > 0 else None
+            o, state = lightning_attn(q, k, v, self.slope, initial_state=initial, output_final_state=True)
+            cache["state"].copy_(state)
+        o = o.transpose(1, 2).reshape(B, T, H * Dh)  # (B, T, H * Dh)
+        o = self.norm(o)
+        o = torch.sigmoid(self.output_gate(x)) * o  # output gate from the same (normed) layer input
+        return self.out_proj(o)
+
+
+# -----------------------------------------------------------------------------
+# the decoder block
+
+
+class Block(nn.Module):
+    """Attention (kind chosen by layer_types[layer_idx]) + MoE, each with the post-norm DeepNorm residual."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if self.layer_type == "linear_attention":
+            self.self_attn = LightningAttention(config, layer_idx)
+            self.attn_alpha, self.attn_beta = config.linear_attn_alpha_factor, config.linear_attn_beta_factor
+        else:
+            self.self_attn = SoftmaxAttention(config)
+            self.attn_alpha, self.attn_beta = config.full_attn_alpha_factor, config.full_attn_beta_factor
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.block_sparse_moe = MoE(config.hidden_size, config.intermediate_size, config.num_local_experts,
+                                    top_k=config.num_experts_per_tok, capacity_factor=config.capacity_factor,
+                                    aux_loss_coef=config.router_aux_loss_coef,
+                                    z_loss_coef=config.router_z_loss_coef)
+        self.mlp_alpha, self.mlp_beta = config.mlp_alpha_factor, config.mlp_beta_factor
+
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        """x (B, T, D) -> (x (B, T, D), the MoE's aux dict)."""
+        h = self.input_layernorm(x)  # the residual below is h, the NORMED input (post-norm)
+        if self.layer_type == "linear_attention":
+            a = self.self_attn(h, cache, pos)  # lightning layers have no positional encoding
+        else:
+            a = self.self_attn(h, cos, sin, cache, pos)
+        x = self.attn_alpha * h + self.attn_beta * a
+        h = self.post_attention_layernorm(x)
+        y, aux = self.block_sparse_moe(h)
+        x = self.mlp_alpha * h + self.mlp_beta * y
+        return x, aux
+
+
+# -----------------------------------------------------------------------------
+# the inference cache
+
+
+@dataclass
+class Cache:
+    """What generation keeps between steps: one dict per layer, allocated once for max_len tokens.
+
+    softmax layer:   {'k': (B, Hkv, max_len, Dh), 'v': (B, Hkv, max_len, Dh)}   filled up to pos
+    lightning layer: {'state': (B, H, Dh, Dh) fp32}                              size independent of pos
+    pos: tokens already in the cache (the next token's position). Every tensor is written in place, so the
+    addresses never change: a CUDA-graph decode step could capture them (it would also need pos as a tensor
+    and a fixed-length masked attention instead of slicing up to pos; not done here).
+    """
+    layers: list
+    max_len: int
+    pos: int = 0
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class MiniMax(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([Block(config, l) for l in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied from embed_tokens
+        # RoPE inverse frequencies theta^(-2i / rotary_dim), i = 0 .. rotary_dim/2 - 1 (set in _init_buffers)
+        self.register_buffer("inv_freq", torch.empty(config.rotary_dim // 2), persistent=False)
+        self.last_stats = {}  # detached numbers for the training log, refreshed by forward(..., targets)
+        self._init_buffers()
+        self.init_weights()
+
+    # ---- initialisation --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Initialise every parameter (Xavier + DeepNorm, MiniMax-01 section 4.2; DeepNet arXiv 2203.00555).
+
+        N = num_hidden_layers, beta = (8N)^(-1/4) is the init GAIN (0.354 for N = 8, 0.199 for N = 80); the
+        residual scale alpha = (2N)^(1/4) lives in the config (*_alpha_factor), the branch multiplier
+        (*_beta_factor) is 1. Xavier normal: std = gain * sqrt(2 / (fan_in + fan_out)).
+
+        | tensor                                   | shape              | init                                   |
+        | ---------------------------------------- | ------------------ | -------------------------------------- |
+        | embed_tokens.weight                      | (V, D)             | normal(0, 1) (layer 0 normalises it)   |
+        | softmax  self_attn.q_proj / k_proj       | (H*Dh, D)/(Hkv*Dh, D)| Xavier, gain 1                       |
+        | softmax  self_attn.v_proj / o_proj       | (Hkv*Dh, D)/(D, H*Dh)| Xavier, gain beta                    |
+        | lightning self_attn.qkv_proj, q, k rows  | 2 x (H*Dh, D)      | Xavier of an (H*Dh, D) matrix, gain 1  |
+        | lightning self_attn.qkv_proj, v rows     | (H*Dh, D)          | Xavier of an (H*Dh, D) matrix, gain beta|
+        | lightning self_attn.output_gate          | (H*Dh, D)          | Xavier, gain 1                         |
+        | lightning self_attn.out_proj             | (D, H*Dh)          | Xavier, gain beta                      |
+        | lightning self_attn.norm.weight          | (H*Dh,)            | ones                                   |
+        | input/post_attention_layernorm, norm     | (D,)               | ones                                   |
+        | block_sparse_moe.gate.weight (router)    | (E, D)             | Xavier, gain 1                         |
+        | block_sparse_moe.w1, w3 (per expert)     | (E, F, D)          | Xavier of each (F, D), gain beta       |
+        | block_sparse_moe.w2 (per expert)         | (E, D, F)          | Xavier of each (D, F), gain beta       |
+        | lm_head.weight                           | (V, D)             | Xavier, gain 1                         |
+
+        Buffers (lightning slopes, RoPE frequencies) are constants, set by _init_buffers, not here.
+        Call again after building on the 'meta' device and .to_empty(device=...).
+        """
+        beta = (8 * self.config.num_hidden_layers) ** -0.25
+
+        def xavier(w, gain):  # w (..., out, in): Xavier per trailing matrix (also per expert)
+            std = gain * math.sqrt(2.0 / (w.shape[-1] + w.shape[-2]))
+            nn.init.normal_(w, 0.0, std)
+
+        nn.init.normal_(self.embed_tokens.weight, 0.0, 1.0)
+        for block in self.layers:
+            attn = block.self_attn
+            if block.layer_type == "linear_attention":
+                H, Dh = attn.n_head, attn.head_dim
+                qkv = attn.qkv_proj.weight.view(H, 3 * Dh, -1)  # (H, 3 Dh, D): per head [q_h | k_h | v_h]
+                std = math.sqrt(2.0 / (H * Dh + qkv.shape[-1]))  # Xavier std of one (H*Dh, D) part
+                nn.init.normal_(qkv[:, :2 * Dh], 0.0, std)  # q and k rows
+                nn.init.normal_(qkv[:, 2 * Dh:], 0.0, beta * std)  # v rows
+                xavier(attn.output_gate.weight, 1.0)
+                xavier(attn.out_proj.weight, beta)
+                nn.init.ones_(attn.norm.weight)
+            else:
+                xavier(attn.q_proj.weight, 1.0)
+                xavier(attn.k_proj.weight, 1.0)
+                xavier(attn.v_proj.weight, beta)
+                xavier(attn.o_proj.weight, beta)
+            moe = block.block_sparse_moe
+            xavier(moe.gate.weight, 1.0)
+            for w in (moe.w1, moe.w3, moe.w2):
+                xavier(w, beta)
+            nn.init.ones_(block.input_layernorm.weight)
+            nn.init.ones_(block.post_attention_layernorm.weight)
+        nn.init.ones_(self.norm.weight)
+        xavier(self.lm_head.weight, 1.0)
+
+    @torch.no_grad()
+    def _init_buffers(self):
+        """(Re)compute the constant buffers in fp32 on the model's device: RoPE frequencies and decay slopes."""
+        cfg, device = self.config, self.embed_tokens.weight.device
+        rd = cfg.rotary_dim
+        self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.float32, device=device) / rd))
+        for l, block in enumerate(self.layers):
+            if block.layer_type == "linear_attention":
+                block.self_attn.slope = build_slopes(cfg.num_attention_heads, l, cfg.num_hidden_layers).to(
+                    device=device, dtype=torch.float32)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device/dtype), .cuda(), .bfloat16(), .to_empty() all end here. Recompute the constant buffers
+        # afterwards, so they stay fp32 (a bf16 RoPE frequency or slope would be far off at long range) and
+        # are valid after to_empty() on a meta-built model.
+        super()._apply(fn, *args, **kwargs)
+        self._init_buffers()
+        return self
+
+    # ---- parameter counts and FLOPs ----------------------------------------------------------------------
+
+    def num_params(self):
+        """All parameters, embeddings and lm_head included (works on the 'meta' device)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def num_active_params(self):
+        """Parameters used per token: without embed_tokens and lm_head, and only K of the E experts."""
+        K, E = self.config.num_experts_per_tok, self.config.num_local_experts
+        n = 0
+        for name, p in self.named_parameters():
+            if name.startswith(("embed_tokens.", "lm_head.")):
+                continue
+            is_expert = re.search(r"block_sparse_moe\.w[123]$", name) is not None
+            n += p.numel() * K // E if is_expert else p.numel()
+        return n
+
+    def estimate_flops_per_token(self, seq_len):
+        """Training FLOPs (forward + backward) per token for sequences of seq_len tokens.
+
+        Matmuls: 2 FLOPs per multiply-add forward, 2x that backward -> 6 per weight per token, over the weights a
+        token actually multiplies: num_active_params() + lm_head (the embedding lookup is free).
+        Attention mixing, forward, per token and layer (x3 for forward + backward):
+          softmax:   QK^T and AV against on average T/2 earlier keys (causal): 2 * 2 * H * Dh * T/2
+          lightning: intra-chunk QK^T and AV on the causal half of a C x C tile: 2 * 2 * H * Dh * C/2, plus the
+                     inter-chunk q S and the state update k v^T: 2 * 2 * H * Dh * Dh.  C = min(block_size, T).
+        So a lightning layer costs O(Dh * (C + Dh)) per token whatever T is; a softmax layer O(Dh * T).
+        """
+        cfg = self.config
+        H, Dh, T = cfg.num_attention_heads, cfg.head_dim, seq_len
+        C = min(cfg.block_size, T)
+        n_soft = cfg.layer_types.count("full_attention")
+        n_light = cfg.num_hidden_layers - n_soft
+        dense = 6 * (self.num_active_params() + self.lm_head.weight.numel())
+        softmax = n_soft * 3 * (2 * H * Dh * T)
+        lightning = n_light * 3 * (2 * H * Dh * C + 4 * H * Dh * Dh)
+        return dense + softmax + lightning
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, seq_len, peak_flops=989e12):
+        """Model FLOPs utilisation: fwdbwd_per_iter sequences of seq_len tokens took dt seconds.
+
+        peak_flops: H100 SXM dense bf16 (989 TFLOP/s); pass your card's peak (times the number of GPUs).
+        """
+        flops = self.estimate_flops_per_token(seq_len) * seq_len * fwdbwd_per_iter
+        return flops / dt / peak_flops
+
+    # ---- forward -----------------------------------------------------------------------------------------
+
+    def _check_inputs(self, idx, inputs_embeds, pos):
+        if (idx is None) == (inputs_embeds is None):
+            raise ValueError("MiniMax: pass exactly one of idx (B, T) token ids or inputs_embeds (B, T, hidden)")
+        if idx is not None:
+            if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"MiniMax: idx must be a (B, T) integer tensor, got {idx.dtype} {tuple(idx.shape)}")
+            # host sync (.any() -> Python bool), one per forward: an out-of-range id would otherwise be a CUDA
+            # device-side assert that kills the process without saying which id. Skipped under torch.compile.
+            if not torch.compiler.is_compiling() and ((idx < 0) | (idx >= self.config.vocab_size)).any():
+                bad = idx[(idx < 0) | (idx >= self.config.vocab_size)]
+                raise ValueError(f"MiniMax: token ids must be in [0, vocab_size={self.config.vocab_size}), got "
+                                 f"{bad[:8].tolist()}; check that the tokenizer matches the model's vocab_size")
+            T = idx.shape[1]
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(f"MiniMax: inputs_embeds must be (B, T, {self.config.hidden_size}), got "
+                                 f"{tuple(inputs_embeds.shape)}")
+            T = inputs_embeds.shape[1]
+        if pos + T > self.config.max_position_embeddings:
+            raise ValueError(f"MiniMax: sequence of {pos + T} tokens (position {pos} + {T} new) is longer than "
+                             f"max_position_embeddings={self.config.max_position_embeddings}; crop the input or "
+                             "build the model with a larger max_position_embeddings")
+        return T
+
+    def _hidden(self, idx=None, inputs_embeds=None, cache=None):
+        """The decoder stack: -> (final-normed hidden states (B, T, D), list of the L MoE aux dicts)."""
+        pos = cache.pos if cache is not None else 0
+        T = self._check_inputs(idx, inputs_embeds, pos)
+        if cache is not None and pos + T > cache.max_len:
+            raise ValueError(f"MiniMax: the cache holds {cache.max_len} tokens, {pos} used, {T} more do not fit")
+        x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        positions = torch.arange(pos, pos + T, device=x.device)
+        cos, sin = rope_cos_sin(positions, self.inv_freq)  # (T, rotary_dim) each, shared by all softmax layers
+        auxes = []
+        for l, block in enumerate(self.layers):
+            x, aux = block(x, cos, sin, None if cache is None else cache.layers[l], pos)
+            auxes.append(aux)
+        if cache is not None:
+            cache.pos = pos + T
+        return self.norm(x), auxes
+
+    def forward(self, idx, targets=None, inputs_embeds=None, cache=None):
+        """idx (B, T) token ids -> (logits (B, T, V), loss or None).
+
+        loss = cross-entropy (fp32, targets == -1 ignored) + mean over the layers of the MoE aux['aux_loss']
+        (already weighted by router_aux_loss_coef / router_z_loss_coef). After a forward with targets,
+        self.last_stats holds detached tensors for logging (no host sync): 'ce', 'aux_loss', 'balance_loss',
+        'z_loss' (means over layers), 'load' (L, E) and 'dropped' (L, E).
+        inputs_embeds (B, T, D) replaces the embedding lookup (vision.py); pass idx=None then.
+        cache (see new_cache) makes this an incremental step: the T new tokens sit at positions cache.pos ...
+        """
+        x, auxes = self._hidden(idx, inputs_embeds, cache)
+        logits = self.lm_head(x)  # (B, T, V)
+        if targets is None:
+            return logits, None
+        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        aux_loss = torch.stack([a["aux_loss"] for a in auxes]).mean()
+        self.last_stats = {
+            "ce": ce.detach(),
+            "aux_loss": aux_loss.detach(),
+            "balance_loss": torch.stack([a["balance_loss"] for a in auxes]).mean().detach(),
+            "z_loss": torch.stack([a["z_loss"] for a in auxes]).mean().detach(),
+            "load": torch.stack([a["load"] for a in auxes]),  # (L, E) fraction of slots per expert
+            "dropped": torch.stack([a["dropped"] for a in auxes]),  # (L, E) fraction of each expert's slots dropped
+        }
+        return logits, ce + aux_loss
+
+    # ---- generation --------------------------------------------------------------------------------------
+
+    def new_cache(self, batch_size, max_len, device=None, dtype=None):
+        """An empty Cache for batch_size sequences of up to max_len tokens (prompt + generated).
+
+        KV in dtype (default: the autocast dtype when autocast is on, else the parameters' dtype); lightning
+        states always fp32 (a bf16 state drifts over long generations; vLLM moved to fp32 for that reason).
+        """
+        cfg, p = self.config, self.lm_head.weight
+        device = p.device if device is None else torch.device(device)
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else p.dtype
+        layers = []
+        for block in self.layers:
+            if block.layer_type == "linear_attention":
+                H, Dh = cfg.num_attention_heads, cfg.head_dim
+                sdt = torch.float64 if p.dtype == torch.float64 else torch.float32  # fp64 only in fp64 tests
+                layers.append({"state": torch.zeros(batch_size, H, Dh, Dh, device=device, dtype=sdt)})
+            else:
+                shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+                layers.append({"k": torch.zeros(shape, device=device, dtype=dtype),
+                               "v": torch.zeros(shape, device=device, dtype=dtype)})
+        return Cache(layers=layers, max_len=max_len)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Continue the prompts idx (B, T0) by max_new_tokens tokens -> (B, T0 + max_new_tokens).
+
+        Prefill: one forward over the prompt with the chunked kernels, filling the KV caches and the lightning
+        states. Then one token at a time from the cache: a lightning layer does one O(Dh^2)-per-head state
+        update, a softmax layer attends to its cached keys. temperature 0 -> greedy (argmax); top_k keeps the
+        k most likely tokens before sampling. Uses the model in its current mode (call model.eval() first).
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        B, T0 = idx.shape
+        if T0 == 0:
+            raise ValueError("generate needs a prompt of at least one token")
+        if T0 + max_new_tokens > self.config.max_position_embeddings:
+            raise ValueError(f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        cache = self.new_cache(B, T0 + max_new_tokens)
+        out = [idx]
+        x, _ = self._hidden(idx, cache=cache)  # prefill, (B, T0, D)
+        for step in range(max_new_tokens):
+            logits = self.lm_head(x[:, -1]).float()  # (B, V): only the last position is needed
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            out.append(next_id)
+            if step < max_new_tokens - 1:
+                x, _ = self._hidden(next_id, cache=cache)  # decode one token, (B, 1, D)
+        return torch.cat(out, dim=1)
+
+    # ---- loading a transformers checkpoint -----------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=None):
+        """Load a directory written by transformers' MiniMaxForCausalLM.save_pretrained (config.json +
+        model.safetensors, or sharded model-*.safetensors + model.safetensors.index.json). The released
+        MiniMax-Text-01 checkpoint has the same tensor names; its config.json field names are mapped too.
+
+        Every tensor must be used and every parameter filled: otherwise a ValueError lists the names.
+        dtype: cast the floating-point weights (default: keep the checkpoint's dtype).
+        """
+        from safetensors.torch import load_file  # test/loading dependency only
+
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise ValueError(f"from_pretrained: no config.json in {path!r}")
+        with open(cfg_path) as f:
+            config = config_from_hf(json.load(f))
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            raise ValueError(f"from_pretrained: no *.safetensors files in {path!r}")
+        ckpt = {}
+        for fname in files:
+            ckpt.update(load_file(fname, device=str(device)))
+        state = convert_hf_state_dict(ckpt, config)
+
+        with torch.device("meta"):  # no memory and no init work for weights that are overwritten anyway
+            model = cls(config)
+        model.to_empty(device=device)  # also recomputes the constant buffers (see _apply)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                 for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+        if missing or unexpected or wrong:
+            def show(names):
+                return ", ".join(names[:12]) + (f" ... ({len(names)} in all)" if len(names) > 12 else "")
+            raise ValueError(f"from_pretrained: checkpoint {path!r} does not match the model built from its "
+                             f"config.json.\n  missing: {show(missing) or '-'}\n  unexpected: "
+                             f"{show(unexpected) or '-'}\n  wrong shape: {show(wrong) or '-'}")
+        model.load_state_dict(state, strict=True)
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
+
+# -----------------------------------------------------------------------------
+# transformers / released checkpoint -> this file: the one place that knows the outside names
+
+
+def config_from_hf(hf):
+    """A transformers MiniMax config.json dict (native 'minimax' or the released 'MiniMaxText01') -> MiniMaxConfig.
+
+    Missing fields take transformers' defaults, so the model computes what transformers would compute.
+    """
+    def get(*names, default=None):
+        for n in names:
+            if hf.get(n) is not None:
+                return hf[n]
+        return default
+
+    # what this file does not implement: refuse rather than load a model that computes something else
+    if not get("postnorm", default=True):
+        raise ValueError("config.json: postnorm=false (pre-norm) is not implemented; only the released post-norm")
+    if get("tie_word_embeddings", default=False):
+        raise ValueError("config.json: tie_word_embeddings=true is not supported (MiniMax unties lm_head)")
+    if get("shared_intermediate_size", default=0):
+        raise ValueError("config.json: a shared expert (shared_intermediate_size > 0) is not implemented")
+    if get("hidden_act", default="silu") != "silu":
+        raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r}; only 'silu' is implemented")
+    if get("sliding_window") is not None:
+        raise ValueError("config.json: sliding_window attention is not implemented")
+    rope = get("rope_parameters", "rope_scaling", default={}) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"config.json: rope type {rope.get('rope_type')!r} is not implemented (only 'default')")
+
+    L, H = hf["num_hidden_layers"], hf["num_attention_heads"]
+    head_dim = get("head_dim", default=hf["hidden_size"] // H)
+    if "layer_types" in hf:
+        layer_types = list(hf["layer_types"])
+    elif "attn_type_list" in hf:  # released config: 0 = lightning, 1 = softmax
+        layer_types = ["full_attention" if t == 1 else "linear_attention" for t in hf["attn_type_list"]]
+    else:
+        raise ValueError("config.json has neither layer_types nor attn_type_list: the layer layout is unknown")
+    return MiniMaxConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_hidden_layers=L,
+        num_attention_heads=H,
+        num_key_value_heads=get("num_key_value_heads", default=H),
+        head_dim=head_dim,
+        intermediate_size=hf["intermediate_size"],
+        num_local_experts=get("num_local_experts", "num_experts", default=8),
+        num_experts_per_tok=get("num_experts_per_tok", default=2),
+        # released: rotary_dim (64 of 128); transformers' native MiniMax rotates the FULL head dim
+        rotary_dim=get("rotary_dim", default=head_dim),
+        rope_theta=float(rope.get("rope_theta", get("rope_theta", default=1e6))),
+        rms_norm_eps=get("rms_norm_eps", default=1e-5),
+        block_size=get("block_size", default=256),
+        max_position_embeddings=get("max_position_embeddings", default=4096 * 32),
+        layer_pattern="custom",
+        layer_types=layer_types,
+        full_attn_alpha_factor=get("full_attn_alpha_factor", "layernorm_full_attention_alpha", default=1.0),
+        linear_attn_alpha_factor=get("linear_attn_alpha_factor", "layernorm_linear_attention_alpha", default=1.0),
+        mlp_alpha_factor=get("mlp_alpha_factor", "layernorm_mlp_alpha", default=1.0),
+        full_attn_beta_factor=get("full_attn_beta_factor", "layernorm_full_attention_beta", default=1.0),
+        linear_attn_beta_factor=get("linear_attn_beta_factor", "layernorm_linear_attention_beta", default=1.0),
+        mlp_beta_factor=get("mlp_beta_factor", "layernorm_mlp_beta", default=1.0),
+        router_aux_loss_coef=get("router_aux_loss_coef", default=0.001),
+    )
+
+
+# The name map. Checkpoint names (transformers save_pretrained = the released checkpoint), "model." stripped:
+#
+#   checkpoint                                                 this file
+#   embed_tokens.weight, norm.weight, lm_head.weight            same
+#   layers.{l}.input_layernorm / post_attention_layernorm       same
+#   layers.{l}.self_attn.{q,k,v,o}_proj.weight                  same (softmax layers)
+#   layers.{l}.self_attn.{qkv_proj,output_gate,norm,out_proj}   same (lightning layers)
+#   layers.{l}.self_attn.slope_rate (H, 1, 1)                   checked against build_slopes, then dropped
+#   layers.{l}.self_attn.{query,key,diagonal}_decay             dropped (derived from the slopes)
+#   layers.{l}.block_sparse_moe.gate.weight (E, D)              same
+#   layers.{l}.block_sparse_moe.experts.{i}.w1.weight (F, D)    layers.{l}.block_sparse_moe.w1[i] (E, F, D)
+#     ... w3 (F, D), w2 (D, F)                                    ... w3[i], w2[i]
+# transformers' in-memory layout, should a checkpoint carry it:
+#   layers.{l}.mlp.gate.weight                                  layers.{l}.block_sparse_moe.gate.weight
+#   layers.{l}.mlp.experts.gate_up_proj (E, 2F, D)              w1 = rows [:F], w3 = rows [F:]
+#   layers.{l}.mlp.experts.down_proj (E, D, F)                  w2
+_EXPERT = re.compile(r"^layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+_DECAY = re.compile(r"^layers\.(\d+)\.self_attn\.(slope_rate|query_decay|key_decay|diagonal_decay)$")
+_FUSED = re.compile(r"^layers\.(\d+)\.mlp\.(gate\.weight|experts\.gate_up_proj|experts\.down_proj)$")
+
+
+def convert_hf_state_dict(ckpt, config):
+    """Checkpoint tensors -> this file's state_dict names (see the map above). Leftovers are kept under their
+    own names, so from_pretrained reports them as unexpected; absent experts surface as missing w1/w2/w3."""
+    E = config.num_local_experts
+    out, experts = {}, {}  # experts[(l, 'w1')][i] = tensor
+    for name, t in ckpt.items():
+        name = name[len("model."):] if name.startswith("model.") else name
+        if m := _EXPERT.match(name):
+            experts.setdefault((int(m[1]), m[3]), {})[int(m[2])] = t
+        elif m := _DECAY.match(name):
+            l = int(m[1])
+            if l >= config.num_hidden_layers or config.layer_types[l] != "linear_attention":
+                out[name] = t  # a decay buffer on a non-lightning layer: the layouts disagree, report it
+            elif m[2] == "slope_rate":
+                ours = build_slopes(config.num_attention_heads, l, config.num_hidden_layers)
+                # the reference's layer factor 1 - l/(L-1+1e-5) + 1e-5 differs from ours by < 1e-6 relative
+                if t.numel() != ours.numel() or not torch.allclose(t.float().flatten().cpu(), ours, rtol=1e-4):
+                    raise ValueError(f"checkpoint {name} = {t.flatten()[:4].tolist()}... differs from "
+                                     f"build_slopes = {ours[:4].tolist()}...: a different decay formula")
+        elif m := _FUSED.match(name):
+            prefix = f"layers.{m[1]}.block_sparse_moe."
+            if m[2] == "gate.weight":
+                out[prefix + "gate.weight"] = t
+            elif m[2] == "experts.gate_up_proj":
+                F_ = t.shape[1] // 2
+                out[prefix + "w1"], out[prefix + "w3"] = t[:, :F_].contiguous(), t[:, F_:].contiguous()
+            else:
+                out[prefix + "w2"] = t
+        else:
+            out[name] = t
+    for (l, w), per_expert in experts.items():
+        if sorted(per_expert) == list(range(E)):
+            out[f"layers.{l}.block_sparse_moe.{w}"] = torch.stack([per_expert[i] for i in range(E)])
+        else:  # incomplete or too many experts: keep the loose names so the error lists them
+            for i, t in per_expert.items():
+                out[f"layers.{l}.block_sparse_moe.experts.{i}.{w}.weight"] = t
+    return out
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    for name in PRESETS:
+        cfg = MiniMaxConfig.from_preset(name)
+        with torch.device("meta"):
+            model = MiniMax(cfg)
+        n_soft = cfg.layer_types.count("full_attention")
+        print(f"{name:16s} L={cfg.num_hidden_layers:3d} ({n_soft} softmax)  total {model.num_params() / 1e9:8.3f}B"
+              f"  active {model.num_active_params() / 1e9:7.3f}B  "
+              f"train GFLOP/token @4096: {model.estimate_flops_per_token(4096) / 1e9:8.2f}")
