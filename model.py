@@ -363,21 +363,22 @@ class MiniMax(nn.Module):
         residual scale alpha = (2N)^(1/4) lives in the config (*_alpha_factor), the branch multiplier
         (*_beta_factor) is 1. Xavier normal: std = gain * sqrt(2 / (fan_in + fan_out)).
 
-        | tensor                                   | shape              | init                                   |
-        | ---------------------------------------- | ------------------ | -------------------------------------- |
-        | embed_tokens.weight                      | (V, D)             | normal(0, 1) (layer 0 normalises it)   |
-        | softmax  self_attn.q_proj / k_proj       | (H*Dh, D)/(Hkv*Dh, D)| Xavier, gain 1                       |
-        | softmax  self_attn.v_proj / o_proj       | (Hkv*Dh, D)/(D, H*Dh)| Xavier, gain beta                    |
-        | lightning self_attn.qkv_proj, q, k rows  | 2 x (H*Dh, D)      | Xavier of an (H*Dh, D) matrix, gain 1  |
-        | lightning self_attn.qkv_proj, v rows     | (H*Dh, D)          | Xavier of an (H*Dh, D) matrix, gain beta|
-        | lightning self_attn.output_gate          | (H*Dh, D)          | Xavier, gain 1                         |
-        | lightning self_attn.out_proj             | (D, H*Dh)          | Xavier, gain beta                      |
-        | lightning self_attn.norm.weight          | (H*Dh,)            | ones                                   |
-        | input/post_attention_layernorm, norm     | (D,)               | ones                                   |
-        | block_sparse_moe.gate.weight (router)    | (E, D)             | Xavier, gain 1                         |
-        | block_sparse_moe.w1, w3 (per expert)     | (E, F, D)          | Xavier of each (F, D), gain beta       |
-        | block_sparse_moe.w2 (per expert)         | (E, D, F)          | Xavier of each (D, F), gain beta       |
-        | lm_head.weight                           | (V, D)             | Xavier, gain 1                         |
+        | tensor                                     | shape                  | init                             |
+        | ------------------------------------------ | ---------------------- | -------------------------------- |
+        | embed_tokens.weight                        | (V, D)                 | normal(0, 1): layer 0 normalises |
+        | softmax self_attn.q_proj, k_proj           | (H*Dh, D), (Hkv*Dh, D) | Xavier, gain 1                   |
+        | softmax self_attn.v_proj, o_proj           | (Hkv*Dh, D), (D, H*Dh) | Xavier, gain beta                |
+        | lightning self_attn.qkv_proj: q, k rows    | 2 x (H*Dh, D)          | Xavier of (H*Dh, D), gain 1      |
+        | lightning self_attn.qkv_proj: v rows       | (H*Dh, D)              | Xavier of (H*Dh, D), gain beta   |
+        | lightning self_attn.output_gate            | (H*Dh, D)              | Xavier, gain 1                   |
+        | lightning self_attn.out_proj               | (D, H*Dh)              | Xavier, gain beta                |
+        | lightning self_attn.norm.weight            | (H*Dh,)                | ones                             |
+        | input_layernorm, post_attention_layernorm  | (D,)                   | ones                             |
+        | block_sparse_moe.gate.weight (router)      | (E, D)                 | Xavier, gain 1                   |
+        | block_sparse_moe.w1, w3                    | (E, F, D)              | Xavier of each (F, D), gain beta |
+        | block_sparse_moe.w2                        | (E, D, F)              | Xavier of each (D, F), gain beta |
+        | norm.weight (final)                        | (D,)                   | ones                             |
+        | lm_head.weight                             | (V, D)                 | Xavier, gain 1                   |
 
         Buffers (lightning slopes, RoPE frequencies) are constants, set by _init_buffers, not here.
         Call again after building on the 'meta' device and .to_empty(device=...).
@@ -460,6 +461,9 @@ class MiniMax(nn.Module):
           lightning: intra-chunk QK^T and AV on the causal half of a C x C tile: 2 * 2 * H * Dh * C/2, plus the
                      inter-chunk q S and the state update k v^T: 2 * 2 * H * Dh * Dh.  C = min(block_size, T).
         So a lightning layer costs O(Dh * (C + Dh)) per token whatever T is; a softmax layer O(Dh * T).
+        C is the reference algorithm's chunk (config.block_size); the kernels may tile differently (the GPU
+        kernels use 64) for the same result, so this is a model-FLOPs convention, like not counting the
+        masked-out half of a causal tile.
         """
         cfg = self.config
         H, Dh, T = cfg.num_attention_heads, cfg.head_dim, seq_len
@@ -471,12 +475,11 @@ class MiniMax(nn.Module):
         lightning = n_light * 3 * (2 * H * Dh * C + 4 * H * Dh * Dh)
         return dense + softmax + lightning
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, seq_len, peak_flops=989e12):
-        """Model FLOPs utilisation: fwdbwd_per_iter sequences of seq_len tokens took dt seconds.
-
-        peak_flops: H100 SXM dense bf16 (989 TFLOP/s); pass your card's peak (times the number of GPUs).
-        """
-        flops = self.estimate_flops_per_token(seq_len) * seq_len * fwdbwd_per_iter
+    def estimate_mfu(self, tokens_per_iter, dt, seq_len, peak_flops=989e12):
+        """Model FLOPs utilisation: forward + backward over tokens_per_iter TOKENS (not sequences, unlike
+        nanoGPT), in sequences of seq_len, took dt seconds on one GPU whose peak is peak_flops (default: H100
+        SXM dense bf16, 989 TFLOP/s). Per GPU: pass the tokens of this rank."""
+        flops = self.estimate_flops_per_token(seq_len) * tokens_per_iter
         return flops / dt / peak_flops
 
     # ---- forward -----------------------------------------------------------------------------------------

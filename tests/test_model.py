@@ -261,7 +261,7 @@ def test_flops_and_mfu():
     assert f1 > 6 * model.num_active_params()
     # beyond one chunk only the softmax layers grow with the sequence: 2 layers x 3 x 2 H Dh x (512 - 256)
     assert f2 - f1 == 2 * 3 * 2 * cfg.num_attention_heads * cfg.head_dim * 256
-    mfu = model.estimate_mfu(fwdbwd_per_iter=8, dt=0.5, seq_len=256, peak_flops=1e12)
+    mfu = model.estimate_mfu(8 * 256, 0.5, seq_len=256, peak_flops=1e12)  # 8 sequences of 256 tokens in 0.5 s
     assert mfu == pytest.approx(f1 * 256 * 8 / 0.5 / 1e12)
 
 
@@ -385,5 +385,8 @@ def test_checkpoint_with_missing_or_extra_tensors(hf_and_ours, tmp_path):
     shape = {**tensors, "lm_head.weight": torch.zeros(97, 31)}
     with pytest.raises(ValueError, match=r"wrong shape: lm_head\.weight"):
         MiniMax.from_pretrained(write(shape, "shape"))
+    slopes = {**tensors, "model.layers.0.self_attn.slope_rate": 2 * tensors["model.layers.0.self_attn.slope_rate"]}
+    with pytest.raises(ValueError, match="different decay formula"):
+        MiniMax.from_pretrained(write(slopes, "slopes"))
     with pytest.raises(ValueError, match="no config.json"):
         MiniMax.from_pretrained(str(tmp_path))
