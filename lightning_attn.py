@@ -444,14 +444,15 @@ if HAS_TRITON:
 
 _HEAD_DIMS = (16, 32, 64, 128)   # powers of two (no masks on D/E); > 128 would need a split state (registers)
 _MIN_CHUNKS_PER_SEGMENT = 8      # below this, the segment pre-pass + scan cost more than the parallelism gains
+_SEG_PROGRAMS_PER_SM = 2         # split sequences until B*H*segments reaches this many programs per SM (0: never)
 
 
 def _num_segments(n_chunks, n_programs, device, chunks_per_segment):
-    """Split each sequence into segments until the sequential kernels have ~2 programs per SM."""
+    """(number of segments, chunks per segment): split sequences until the walks fill the GPU."""
     if chunks_per_segment is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        want = math.ceil(2 * sms / n_programs)                                   # segments per sequence wanted
-        chunks_per_segment = max(_MIN_CHUNKS_PER_SEGMENT, math.ceil(n_chunks / want))
+        want = math.ceil(_SEG_PROGRAMS_PER_SM * sms / n_programs)                # segments per sequence wanted
+        chunks_per_segment = n_chunks if want <= 1 else max(_MIN_CHUNKS_PER_SEGMENT, math.ceil(n_chunks / want))
     chunks_per_segment = max(1, min(chunks_per_segment, n_chunks))
     return math.ceil(n_chunks / chunks_per_segment), chunks_per_segment
 

@@ -153,7 +153,8 @@ def test_triton_low_precision_inputs_keep_dtype():
         o_r, f_r = la.ref_parallel(qd.double(), kd.double(), vd.double(), slope, s0)
         assert o.dtype == dt and f.dtype == torch.float32
         # output rounded to bf16 (unit roundoff 3.9e-3) on top of bf16 MMA operands on GPU; per row 1e-2
-        # (KERNELS.md section 8); the fp32 state only sees operand rounding: 5e-3
+        # (KERNELS.md section 8). Triton's interpreter TRUNCATES fp32 -> bf16 (measured 2.9e-3 mean relative vs
+        # 1.4e-3 for round-to-nearest), still inside 1e-2. The fp32 state only sees operand rounding: 5e-3.
         assert row_err(o, o_r) < 1e-2 and row_err(f, f_r) < 5e-3
 
 
