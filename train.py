@@ -1,0 +1,486 @@
+"""
+Train a MiniMax model (hybrid lightning/softmax attention + MoE, model.py) on a prepared token dataset.
+
+    python train.py                                   # tiny model on the stdlib source, ~4 min on 2 CPU cores
+    python train.py config/train_small.py             # 'small' preset, ~10 min on one H100
+    python train.py --max_iters=2000 --batch_size=8   # any knob below, as --key=value
+    python train.py --resume                          # continue out_dir/ckpt.pt exactly where it stopped
+    torchrun --standalone --nproc_per_node=8 train.py config/train_small.py     # DDP, NCCL on GPUs
+    torchrun --standalone --nproc_per_node=2 train.py                           # DDP, gloo on CPU
+    python train.py --help                            # the knob block below, with defaults
+
+A straight-line script in the style of nanoGPT's train.py: knobs -> setup -> data -> model -> optimizer -> one
+`while True` loop (eval + checkpoint, then one optimizer step, then logging). What it guarantees:
+  * Exact resume. A batch is a pure function of (seed, step, micro-step index); the checkpoint holds the model,
+    the optimizer, the step and the RNG states, so a run stopped and resumed produces the same losses as an
+    uninterrupted one (bitwise on CPU; tests/test_train.py checks it).
+  * DDP gives the same global batch for any number of processes: global micro-batch g = micro_step * world +
+    rank, g in [0, gradient_accumulation_steps). Gradients are synced once per optimizer step (no_sync on the
+    other micro-steps).
+  * Nothing saved is lost: checkpoints are written to a temp file and renamed over the old one (atomic on POSIX),
+    a fresh run refuses to start over an existing checkpoint, and a NaN/inf loss stops the run before the bad
+    update, keeping the last good checkpoint.
+Checkpoint (out_dir/ckpt.pt, one torch.save'd dict, loadable with weights_only=True): model (raw, uncompiled
+state_dict), optimizer, model_config (asdict of MiniMaxConfig), config (these knobs), tokenizer, step, data
+state, rng, val_loss. Logs: stdout, and one JSON object per log step / eval in out_dir/metrics.jsonl.
+"""
+import ast
+import difflib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# knobs (defaults = the CPU quick start). Override: python train.py [config/x.py ...] [--key=value ...]
+# I/O
+out_dir = "out"              # checkpoint ckpt.pt and metrics.jsonl go here
+eval_interval = 100          # evaluate train/val loss and save a checkpoint every this many steps (and at the end)
+log_interval = 10            # print a log line every this many steps
+eval_iters = 10              # batches per split in each evaluation
+resume = False               # continue out_dir/ckpt.pt: its knobs, except those you set again explicitly
+# data
+data_dir = "data"            # prepared datasets: <data_dir>/<dataset>/<tokenizer>/{train,val}.bin (relative: to repo)
+dataset = "stdlib"           # stdlib (offline default, auto-prepared) | shakespeare | a name from data/text/prepare.py
+tokenizer = "byte"           # byte | gpt2 | cl100k_base: which prepared copy of the dataset to read
+seq_len = 256                # context length in tokens
+batch_size = 16              # sequences per micro-batch, per process
+gradient_accumulation_steps = 1   # micro-batches per optimizer step, over all processes (global batch / batch_size)
+# model
+preset = "tiny"              # model size, one of model.PRESETS: tiny | small | bench | minimax-text-01
+model_kw = ""                # MiniMaxConfig fields over the preset, e.g. "num_hidden_layers=2,hidden_size=64"
+# optimizer: AdamW, linear warmup then cosine decay to min_lr_frac * learning_rate
+learning_rate = 3e-3
+max_iters = 600              # optimizer steps in total
+warmup_iters = 30
+lr_decay_iters = 0           # length of the cosine; 0 = max_iters
+min_lr_frac = 0.1
+weight_decay = 0.1           # on matrices only (embeddings, projections, experts); not on norms
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0              # clip the global gradient norm; 0 = off
+# system
+device = "auto"              # auto (cuda if available, else cpu) | cpu | cuda | cuda:1 | mps (untested)
+dtype = "auto"               # auto (bfloat16 autocast on CUDA, float32 elsewhere) | float32 | bfloat16
+compile = False              # torch.compile the model (faster on GPU; off if it fails on your platform)
+seed = 1337
+# parallelism beyond DDP (parallel.py): expert- and sequence-parallel group sizes
+ep = 1
+sp = 1
+# -----------------------------------------------------------------------------
+defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+
+
+def die(msg, code=1):
+    """Expected failures (bad input, missing data, NaN loss): one clear line on stderr and a non-zero exit."""
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails the same way: print it once
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.exit(code)
+
+
+# ---- configuration: defaults <- checkpoint's knobs (when resuming) <- config files / --key=value -----------------
+
+def parse_knobs(argv):
+    """Explicit settings, in command-line order: `x.py` files (plain Python assignments, as nanoGPT's
+    configurator) and `--key=value` (`--flag` alone sets a bool knob). Names and types are checked."""
+    def check_key(key, where):
+        if key not in defaults:
+            near = difflib.get_close_matches(key, defaults, n=1)
+            die(f"unknown knob '{key}' ({where})" + (f"; did you mean '{near[0]}'?" if near else "")
+                + "  (python train.py --help lists them)")
+
+    def from_string(key, s):
+        kind = type(defaults[key])
+        if kind is bool:
+            if s.lower() in ("1", "true", "yes", "on"):
+                return True
+            if s.lower() in ("0", "false", "no", "off"):
+                return False
+        else:
+            try:
+                return kind(s)  # int("3"), float("3e-4"), str(...)
+            except ValueError:
+                pass
+        die(f"--{key}={s}: expected {'an int' if kind is int else 'a ' + kind.__name__} (default {defaults[key]!r})")
+
+    explicit = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            check_key(key, arg)
+            if not eq and not isinstance(defaults[key], bool):
+                die(f"{arg} needs a value: --{key}=...")
+            explicit[key] = from_string(key, value) if eq else True
+        elif arg.endswith(".py"):
+            if not os.path.isfile(arg):
+                die(f"config file {arg} not found")
+            ns = {}
+            exec(open(arg).read(), ns)  # a config file is plain Python: `max_iters = 2000`
+            for key, value in ns.items():
+                if key.startswith("_") or type(value).__name__ == "module":
+                    continue
+                check_key(key, arg)
+                kind = type(defaults[key])
+                if kind is float and type(value) is int:
+                    value = float(value)  # `learning_rate = 1` means 1.0
+                if type(value) is not kind:
+                    die(f"{arg}: {key} = {value!r} should be a {kind.__name__} (default {defaults[key]!r})")
+                explicit[key] = value
+        else:
+            die(f"don't understand argument '{arg}': use --key=value or a config/*.py file (see --help)")
+    return explicit
+
+
+if any(a in ("-h", "--help") for a in sys.argv[1:]):
+    lines = open(os.path.abspath(__file__)).read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# knobs"))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("# ----"))
+    print("\n\n".join(__doc__.strip().split("\n\n")[:2]) + "\n")  # what it is + the usage lines
+    print("\n".join(lines[start:end]))  # the knob block itself: defaults and comments exactly as written
+    sys.exit(0)
+explicit = parse_knobs(sys.argv[1:])
+config = dict(defaults)
+ckpt_path = os.path.join(explicit.get("out_dir", out_dir), "ckpt.pt")
+checkpoint = None
+if explicit.get("resume", resume):
+    if not os.path.exists(ckpt_path):
+        die(f"--resume: no checkpoint at {ckpt_path} (set --out_dir to the run's folder)")
+    try:  # weights_only: a checkpoint is plain tensors/dicts/numbers, nothing executable
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        saved = checkpoint["config"]
+    except Exception as e:  # truncated zip, wrong file, unpickling error
+        die(f"cannot read checkpoint {ckpt_path}: {type(e).__name__}: {str(e)[:200]}. The file is truncated or "
+            f"not a nanoMiniMax checkpoint; nothing was changed (start a new run with another --out_dir).")
+    config.update({k: v for k, v in saved.items() if k in defaults})
+    model_keys = ("preset", "model_kw", "tokenizer")  # these define the saved weights' shapes
+    for k in model_keys:
+        if k in explicit and explicit[k] != saved.get(k):
+            die(f"--resume: {ckpt_path} was trained with {k}={saved.get(k)!r}, not {explicit[k]!r}; the weights "
+                f"do not fit. Drop --{k}, or start a new run in another --out_dir.")
+    # knobs that change the loss sequence (I/O knobs don't; max_iters does only through a default lr_decay_iters)
+    io_keys = ("resume", "out_dir", "data_dir", "eval_interval", "log_interval", "eval_iters", "device")
+    changed = [k for k in explicit if k not in io_keys and explicit[k] != saved.get(k)
+               and not (k == "max_iters" and config["lr_decay_iters"])]
+    if changed and os.environ.get("RANK", "0") == "0":
+        print(f"note: resuming with changed knobs {changed}: the continuation is not the exact one any more")
+config.update(explicit)
+config["resume"] = checkpoint is not None
+globals().update(config)
+if not os.path.isabs(data_dir):  # relative to the repo (where data/*/prepare.py write), not to the current dir
+    data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), data_dir)  # from here on the knobs are plain globals again, as in the block above
+
+# ---- distributed, device, precision ------------------------------------------------------------------------------
+
+if ep != 1 or sp != 1:
+    die(f"ep={ep}, sp={sp}: expert/sequence parallelism is not available yet (parallel.py); use ep=1 sp=1 (DDP "
+        f"only) for now")
+ddp = "RANK" in os.environ  # set by torchrun
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+device_type = device.split(":")[0]
+if device_type == "cuda" and not torch.cuda.is_available():
+    die(f"device={device} but torch sees no CUDA GPU; use --device=cpu")
+if ddp:
+    ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device_type == "cuda":
+        device = f"cuda:{ddp_local_rank}"
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+else:
+    ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
+master_process = ddp_rank == 0  # only rank 0 prints, logs and saves
+
+
+def print0(*a, **kw):
+    if master_process:
+        print(*a, **kw, flush=True)
+
+
+if gradient_accumulation_steps % ddp_world_size:
+    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the number of processes "
+        f"({ddp_world_size}): it counts micro-batches over all processes")
+accum_local = gradient_accumulation_steps // ddp_world_size  # micro-steps per process per optimizer step
+tokens_per_step = gradient_accumulation_steps * batch_size * seq_len
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+if dtype not in ("float32", "bfloat16"):
+    die(f"dtype={dtype}: choose auto, float32 or bfloat16")
+# weights and optimizer state stay fp32; bf16 means autocast of the matmuls (no grad scaler needed, unlike fp16)
+autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=torch.bfloat16)
+torch.manual_seed(seed)  # same seed on every rank: identical init (DDP also broadcasts rank 0's weights)
+if device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
+    torch.backends.cudnn.allow_tf32 = True
+
+# ---- data --------------------------------------------------------------------------------------------------------
+
+from data.tokenizers import dataset_path, get_tokenizer, load_meta  # noqa: E402  (after the knobs, as a step)
+
+if dataset == "stdlib" and not os.path.exists(os.path.join(dataset_path(data_dir, dataset, tokenizer), "meta.json")):
+    if ddp_local_rank == 0:  # offline: prepare it on the spot (a few seconds); other ranks wait at the barrier
+        print(f"dataset stdlib/{tokenizer} not prepared yet: preparing it now (python data/stdlib/prepare.py)")
+        from data.stdlib.prepare import prepare
+        try:
+            prepare(data_dir, tokenizer)
+        except ValueError as e:
+            die(str(e))
+    if ddp:
+        torch.distributed.barrier()
+try:
+    meta = load_meta(data_dir, dataset, tokenizer)
+except ValueError as e:
+    die(str(e))
+token_dtype = np.dtype(meta["dtype"])
+for split in ("train", "val"):
+    if meta[f"{split}_tokens"] < seq_len + 1:
+        die(f"the {split} split of {dataset}/{tokenizer} has {meta[f'{split}_tokens']:,} tokens, fewer than "
+            f"seq_len + 1 = {seq_len + 1}: use a smaller --seq_len or more data")
+SPLITS = {"train": 0, "val": 1}
+
+
+def get_batch(split, step, g, purpose=0):
+    """Global micro-batch g of optimizer step `step`: x, y (B, T) int64 on the device. The window offsets come
+    from an RNG seeded with (seed, purpose, split, step, g), so every batch is reproducible from the step alone:
+    that is the whole data-loader state. purpose 0 = training batches, 1 = the fixed evaluation batches."""
+    # a fresh memmap per batch: nanoGPT's fix for memory growth when one memmap is kept open
+    data = np.memmap(os.path.join(dataset_path(data_dir, dataset, tokenizer), f"{split}.bin"),
+                     dtype=token_dtype, mode="r")
+    rng = np.random.default_rng([seed, purpose, SPLITS[split], step, g])
+    ix = rng.integers(0, len(data) - seq_len, size=batch_size)  # start of each window, window = seq_len + 1
+    xy = torch.from_numpy(np.stack([data[i:i + seq_len + 1] for i in ix]).astype(np.int64))  # (B, T+1)
+    x, y = xy[:, :-1], xy[:, 1:]  # (B, T) inputs and next-token targets
+    if device_type == "cuda":  # pinned memory lets the copy overlap with the GPU work already queued
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# ---- model ---------------------------------------------------------------------------------------------------------
+
+from model import MiniMax, MiniMaxConfig  # noqa: E402
+
+try:
+    model_overrides = {}
+    for item in filter(None, model_kw.replace(" ", "").split(",")):
+        k, _, v = item.partition("=")
+        try:
+            model_overrides[k] = ast.literal_eval(v)  # numbers, True/False/None
+        except (ValueError, SyntaxError):
+            model_overrides[k] = v  # a bare word: a string, e.g. layer_pattern=softmax
+    # the vocabulary is padded to a multiple of 64 (tensor-core friendly); the padded ids never occur in the data
+    vocab_size = (meta["vocab_size"] + 63) // 64 * 64
+    model_config = MiniMaxConfig.from_preset(preset, vocab_size=vocab_size, **model_overrides)
+except (ValueError, TypeError, KeyError) as e:
+    die(f"preset={preset!r} model_kw={model_kw!r}: {e}")
+with torch.device(device):
+    raw_model = MiniMax(model_config)  # the uncompiled, unwrapped module: saved, evaluated, sampled
+if checkpoint is not None:
+    if checkpoint["model_config"] != asdict(model_config):
+        diff = {k: (v, checkpoint["model_config"].get(k)) for k, v in asdict(model_config).items()
+                if checkpoint["model_config"].get(k) != v}
+        die(f"checkpoint {ckpt_path} has another model config than this run (now, saved): {diff}")
+    try:
+        raw_model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        die(f"checkpoint {ckpt_path} does not fit the model: {str(e)[:300]}")
+model = torch.compile(raw_model) if compile else raw_model
+if ddp:
+    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ddp_local_rank] if device_type == "cuda"
+                                                      else None)
+
+# ---- optimizer -------------------------------------------------------------------------------------------------
+
+# weight decay on matrices (embeddings, projections, expert weights: ndim >= 2), not on norms/scales (ndim 1)
+params = [p for p in raw_model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW(
+    [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+     {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+    lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
+min_lr = learning_rate * min_lr_frac
+
+
+def get_lr(step):
+    """Linear warmup for warmup_iters steps, then cosine from learning_rate to min_lr over lr_decay_iters."""
+    decay_iters = lr_decay_iters or max_iters
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / warmup_iters
+    if step >= decay_iters:
+        return min_lr
+    ratio = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters fixed batches per split (the same batches at every eval, so evals compare).
+    Batch k is evaluated by rank k % world; the sum is all-reduced, so any world size gives the same mean."""
+    model.eval()
+    out = {}
+    for split in SPLITS:
+        total = torch.zeros((), device=device)
+        for k in range(ddp_rank, eval_iters, ddp_world_size):
+            x, y = get_batch(split, k, 0, purpose=1)  # eval batch k: a function of k only
+            with autocast:
+                _, loss = model(x, y)
+            total += raw_model.last_stats["ce"].float()  # evaluate the language-model loss, without the aux
+        if ddp:
+            torch.distributed.all_reduce(total)
+        out[split] = total.item() / eval_iters  # host sync
+    model.train()
+    return out
+
+
+def save_checkpoint(ckpt, path):
+    """Atomic save: write path.tmp, fsync, rename over path. A crash at any point leaves the old file intact."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the rename makes them "the" checkpoint
+    os.replace(tmp, path)  # atomic on POSIX (and Windows): readers see the old or the new file, never a mix
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+# ---- start or resume -------------------------------------------------------------------------------------------
+
+step = 0
+metrics_path = os.path.join(out_dir, "metrics.jsonl")
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    step = checkpoint["step"]
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if device_type == "cuda" and checkpoint["rng"].get("cuda"):
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    if step >= max_iters:
+        print0(f"{ckpt_path} is at step {step} >= max_iters={max_iters}: nothing to do (raise --max_iters)")
+        sys.exit(0)
+    print0(f"resuming {ckpt_path} at step {step} (val loss then {checkpoint.get('val_loss', float('nan')):.4f})")
+    if master_process and os.path.exists(metrics_path):  # drop records a crashed run wrote after its checkpoint
+        with open(metrics_path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        with open(metrics_path, "w") as f:
+            for r in records:
+                if r["step"] < step or (r["kind"] == "eval" and r["step"] == step):
+                    f.write(json.dumps(r) + "\n")
+    checkpoint = None  # free the memory
+elif os.path.exists(ckpt_path):
+    die(f"{ckpt_path} already exists: continue it with --resume, or start a new run with --out_dir=another_dir "
+        f"(or delete {out_dir}/ yourself)")
+elif master_process:
+    os.makedirs(out_dir, exist_ok=True)
+    open(metrics_path, "w").close()
+start_step = step
+n_params = sum(p.numel() for p in raw_model.parameters())
+print0(f"model {preset} {model_kw}: {n_params / 1e6:.2f}M parameters, {model_config.num_hidden_layers} layers "
+       f"({''.join('S' if t == 'full_attention' else 'L' for t in model_config.layer_types)}), "
+       f"{model_config.num_local_experts} experts top-{model_config.num_experts_per_tok}")
+print0(f"data {dataset}/{tokenizer}: {meta['train_tokens']:,} train tokens; {tokens_per_step:,} tokens per step "
+       f"= {gradient_accumulation_steps} micro-batches x {batch_size} x {seq_len} ({ddp_world_size} process"
+       f"{'es' if ddp else ''}); device {device}, {dtype}, compile={compile}")
+
+
+def log_metrics(record):
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ---- training loop ---------------------------------------------------------------------------------------------
+
+dt_avg, val_loss, t0 = None, float("nan"), time.time()
+last_saved = start_step if start_step > 0 else None  # step of the checkpoint on disk, for the NaN message
+while True:
+    last_step = step == max_iters
+    # -- periodic work first: evaluate, then save (not at the very step we resumed from: that is the checkpoint) --
+    if (step % eval_interval == 0 or last_step) and not (step == start_step and step > 0):
+        losses = estimate_loss()
+        val_loss = losses["val"]
+        print0(f"step {step}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}")
+        if master_process:
+            log_metrics({"kind": "eval", "step": step, "train_loss": losses["train"], "val_loss": val_loss})
+        if step > 0 and master_process:
+            ckpt = {
+                "model": raw_model.state_dict(),  # raw module: no "_orig_mod." / "module." prefixes
+                "optimizer": optimizer.state_dict(),
+                "model_config": asdict(model_config),
+                "config": config,
+                "tokenizer": {"name": tokenizer, "vocab_size": meta["vocab_size"], "eot_token": meta["eot_token"]},
+                "step": step,  # number of optimizer steps done = the next step to run
+                # the data loader has no state of its own: batches are a function of (seed, step, micro-step)
+                "data": {"dataset": dataset, "seed": seed, "next_step": step},
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else []},
+                "val_loss": val_loss,
+            }
+            save_checkpoint(ckpt, ckpt_path)
+            print0(f"saved {ckpt_path}")
+        last_saved = step if step > 0 else last_saved
+    if last_step:
+        break
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # one optimizer step: accum_local micro-batches forward/backward, gradient sync on the last one only
+    t_step = time.time()
+    lr = get_lr(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(accum_local):
+        # global micro-batch index: 1 process x 4 micro-steps and 2 processes x 2 see the same 4 batches
+        x, y = get_batch("train", step, micro_step * ddp_world_size + ddp_rank)
+        # DDP all-reduces gradients during backward; on the non-final micro-steps skip that (no_sync)
+        sync = nullcontext() if not ddp or micro_step == accum_local - 1 else model.no_sync()
+        with sync:
+            with autocast:
+                _, loss = model(x, y)  # loss = mean CE + MoE aux loss (model.py)
+            loss = loss / accum_local  # the step's loss is the mean over its micro-batches
+            loss.backward()
+        loss_sum += loss.detach()
+    # DDP averaged the gradients over the processes: each rank now holds the gradient of the global-batch loss
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if ddp:  # the logged loss: mean over processes (the gradients' loss); same number on every rank
+        torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+    loss_f, norm_f = torch.stack([loss_sum, grad_norm.float()]).tolist()  # host sync, once per step
+    if not (math.isfinite(loss_f) and math.isfinite(norm_f)):  # stop before the bad update reaches the weights
+        kept = f"the last good checkpoint, {ckpt_path} (step {last_saved}), is untouched" if last_saved else \
+            "no checkpoint had been saved yet"
+        die(f"loss is {loss_f} (gradient norm {norm_f}) at step {step}: stopped before applying this step; {kept}. "
+            f"Try a lower learning_rate or a longer warmup_iters.", code=3)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # ---------------------------------------------------------------------------------------------------------------
+
+    # -- logging (CPU side) --
+    dt = time.time() - t_step
+    if step > start_step + 1:  # the first steps include warm-up / compilation: keep them out of the average
+        dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
+    if step % log_interval == 0 and master_process:
+        stats = raw_model.last_stats  # of the last micro-batch
+        load_LE, dropped_LE = stats["load"].float(), stats["dropped"].float()  # (L, E)
+        balance = (load_LE.max(-1).values / load_LE.mean(-1)).mean().item()  # 1.0 = perfectly even experts
+        drop = (load_LE * dropped_LE).sum(-1).mean().item()  # fraction of routed slots dropped
+        aux = float(stats["aux_loss"])  # host sync
+        tok_s = tokens_per_step / dt
+        mfu = raw_model.estimate_mfu(tokens_per_step // ddp_world_size, dt, seq_len=seq_len)
+        eta = (max_iters - step - 1) * (dt_avg or dt)
+        print0(f"step {step}/{max_iters} | loss {loss_f:.4f} | aux {aux:.4f} | balance {balance:.2f} drop {drop:.1%} "
+               f"| lr {lr:.2e} | dt {dt * 1000:.0f}ms | tok/s {tok_s:,.0f} | mfu {mfu:.1%} "
+               f"| eta {int(eta // 60)}m{int(eta % 60):02d}s")
+        log_metrics({"kind": "step", "step": step, "loss": loss_f, "aux_loss": aux, "balance": balance,
+                     "drop": drop, "grad_norm": norm_f, "lr": lr, "dt": dt, "tok_s": tok_s, "mfu": mfu})
+    step += 1
+
+print0(f"done: {max_iters} steps in {time.time() - t0:.0f}s, val loss {val_loss:.4f}. Sample: python sample.py "
+       f"--out_dir={out_dir}")
+if ddp:
+    torch.distributed.destroy_process_group()
