@@ -14,6 +14,16 @@ from safetensors.torch import load_file, save_file
 from model import MiniMax, MiniMaxConfig, PRESETS, config_from_hf, convert_hf_state_dict, layer_types_for
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # the models here are tiny: intra-op threads cost more than they save, and on a loaded 2-core machine
+    # (several pytest processes) OpenMP spin-waiting made this file 5x slower. Restored afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(**kw):
     """The 'tiny' preset (4 layers: lightning, softmax, lightning, softmax; 4 experts), in fp32 eval mode."""
     torch.manual_seed(kw.pop("seed", 0))
