@@ -217,21 +217,41 @@ class SoftmaxAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if isinstance(pos, torch.Tensor):  # static decode step (CUDA graphs): the position is a device tensor
+            y = self.attend_static(q, k, v, cache, pos)  # (B, H, 1, Dh)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
         mask, causal = None, True
         if cache is not None:
             cache["k"][:, :, pos:pos + T] = k  # the cache is preallocated: writes in place, no re-allocation
             cache["v"][:, :, pos:pos + T] = v
-            k = cache["k"][:, :, :pos + T].to(q.dtype)  # (B, Hkv, pos + T, Dh): everything seen so far
-            v = cache["v"][:, :, :pos + T].to(q.dtype)
-            causal = False
-            if T > 1:  # query i sits at position pos + i and sees keys 0 .. pos + i
-                q_pos = torch.arange(pos, pos + T, device=x.device)
-                mask = torch.arange(pos + T, device=x.device)[None, :] <= q_pos[:, None]  # (T, pos + T) bool
+            if pos > 0:  # continue after earlier tokens: attend to everything cached so far
+                k = cache["k"][:, :, :pos + T].to(q.dtype)  # (B, Hkv, pos + T, Dh)
+                v = cache["v"][:, :, :pos + T].to(q.dtype)
+                causal = False
+                if T > 1:  # query i sits at position pos + i and sees keys 0 .. pos + i
+                    q_pos = torch.arange(pos, pos + T, device=x.device)
+                    mask = torch.arange(pos + T, device=x.device)[None, :] <= q_pos[:, None]  # (T, pos + T)
+            # pos == 0 (prefill): the new keys are all there is, so plain causal attention (flash kernel, no
+            # (T, T) mask: at T = 64k that mask alone would be 4 GB)
         # SDPA: scale 1/sqrt(Dh); the flash/efficient kernels and the math path all take the softmax in fp32.
         # enable_gqa lets each group of H / Hkv query heads share one KV head without materialising copies.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H * Dh)
         return self.o_proj(y)
+
+    def attend_static(self, q, k, v, cache, pos):
+        """One new token whose position is the device tensor pos (shape ()), attending over the WHOLE
+        preallocated cache with a mask: the same shapes and no host values at every step, so a CUDA graph can
+        capture it. q (B, H, 1, Dh), k, v (B, Hkv, 1, Dh) -> (B, H, 1, Dh). Twin: the sliced path above."""
+        B, G = q.shape[0], self.n_head // self.n_kv_head
+        cache["k"].index_copy_(2, pos.view(1), k.to(cache["k"].dtype))  # write slot pos in place
+        cache["v"].index_copy_(2, pos.view(1), v.to(cache["v"].dtype))
+        keys_seen = (torch.arange(cache["k"].shape[2], device=q.device) <= pos).view(1, 1, 1, -1)  # (.., max_len)
+        # GQA without copies: the G query heads of one KV head become G query rows of that head
+        qg = q.view(B, self.n_kv_head, G, self.head_dim)  # head h = kv * G + g, as enable_gqa pairs them
+        y = F.scaled_dot_product_attention(qg, cache["k"].to(q.dtype), cache["v"].to(q.dtype),
+                                           attn_mask=keys_seen)  # (B, Hkv, G, Dh)
+        return y.view(B, self.n_head, 1, self.head_dim)
 
 
 class LightningAttention(nn.Module):
@@ -327,12 +347,58 @@ class Cache:
     softmax layer:   {'k': (B, Hkv, max_len, Dh), 'v': (B, Hkv, max_len, Dh)}   filled up to pos
     lightning layer: {'state': (B, H, Dh, Dh) fp32}                              size independent of pos
     pos: tokens already in the cache (the next token's position). Every tensor is written in place, so the
-    addresses never change: a CUDA-graph decode step could capture them (it would also need pos as a tensor
-    and a fixed-length masked attention instead of slicing up to pos; not done here).
+    addresses never change: StaticDecoder captures a decode step on them in a CUDA graph (with the position
+    in a device tensor and the softmax layers attending over all max_len slots under a mask).
     """
     layers: list
     max_len: int
     pos: int = 0
+
+
+class StaticDecoder:
+    """model.decode_step on fixed input buffers, replayed from a CUDA graph: one launch per token instead of
+    ~70 kernel launches per layer from Python (batch-1 decoding is launch-bound: the weights a token reads
+    take ~0.1 ms at HBM speed). Tied to one cache (the graph holds its addresses), so capture is once per
+    generate call; a server would keep one cache + decoder per batch size.
+
+    decoder(next_id (B, 1)) -> logits (B, V) for the token at cache.pos, and advances cache.pos. On CUDA the
+    first call runs the step eagerly (warm-up: cuBLAS handles, allocator) and then captures the graph; later
+    calls replay it. The returned logits live in the graph's output buffer: use them before the next call.
+    Off CUDA (tests) it runs the same static step without a graph.
+    """
+
+    def __init__(self, model, cache):
+        B = cache.layers[0]["state" if "state" in cache.layers[0] else "k"].shape[0]
+        device = model.lm_head.weight.device
+        self.model, self.cache = model, cache
+        self.idx = torch.zeros(B, 1, dtype=torch.long, device=device)  # static input buffers
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.use_graph = device.type == "cuda"
+        self.graph, self.logits = None, None
+
+    @torch.no_grad()
+    def __call__(self, next_id):
+        if self.cache.pos >= self.cache.max_len:
+            raise ValueError(f"StaticDecoder: the cache is full ({self.cache.max_len} tokens)")
+        self.idx.copy_(next_id)
+        self.pos.fill_(self.cache.pos)  # host int -> device scalar: a tiny kernel, no sync
+        self.cache.pos += 1
+        if not self.use_graph:
+            return self.model.decode_step(self.idx, self.cache, self.pos)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        # first call: a real step on a side stream (it also fills this position's cache), then capture
+        # (capturing records kernels without running them, so the cache is not touched twice)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = self.model.decode_step(self.idx, self.cache, self.pos)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.model.decode_step(self.idx, self.cache, self.pos)
+        return logits
 
 
 # -----------------------------------------------------------------------------
@@ -577,13 +643,15 @@ class MiniMax(nn.Module):
         return Cache(layers=layers, max_len=max_len)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=False):
         """Continue the prompts idx (B, T0) by max_new_tokens tokens -> (B, T0 + max_new_tokens).
 
         Prefill: one forward over the prompt with the chunked kernels, filling the KV caches and the lightning
         states. Then one token at a time from the cache: a lightning layer does one O(Dh^2)-per-head state
         update, a softmax layer attends to its cached keys. temperature 0 -> greedy (argmax); top_k keeps the
         k most likely tokens before sampling. Uses the model in its current mode (call model.eval() first).
+        cuda_graph=True: decode with StaticDecoder (one CUDA graph replay per token on CUDA; the same static
+        step without a graph elsewhere). Same tokens as the eager loop up to rounding.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -596,10 +664,10 @@ class MiniMax(nn.Module):
             raise ValueError(f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
         cache = self.new_cache(B, T0 + max_new_tokens)
+        decoder = StaticDecoder(self, cache) if cuda_graph else None
         out = [idx]
-        x, _ = self._hidden(idx, cache=cache)  # prefill, (B, T0, D)
+        logits = self.prefill(idx, cache)  # (B, V)
         for step in range(max_new_tokens):
-            logits = self.lm_head(x[:, -1]).float()  # (B, V): only the last position is needed
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             else:
@@ -609,9 +677,30 @@ class MiniMax(nn.Module):
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
             out.append(next_id)
-            if step < max_new_tokens - 1:
-                x, _ = self._hidden(next_id, cache=cache)  # decode one token, (B, 1, D)
+            if step < max_new_tokens - 1:  # decode one token
+                if decoder is not None:
+                    logits = decoder(next_id)
+                else:
+                    x, _ = self._hidden(next_id, cache=cache)  # (B, 1, D)
+                    logits = self.lm_head(x[:, -1]).float()
         return torch.cat(out, dim=1)
+
+    @torch.no_grad()
+    def prefill(self, idx, cache):
+        """Run the prompts idx (B, T0) into an empty cache -> logits of the last position (B, V) fp32."""
+        x, _ = self._hidden(idx, cache=cache)  # (B, T0, D)
+        return self.lm_head(x[:, -1]).float()  # only the last position is needed
+
+    @torch.no_grad()
+    def decode_step(self, idx, cache, pos):
+        """One token per sequence, idx (B, 1), at the position held in the device tensor pos (shape ()) ->
+        logits (B, V) fp32. Fixed shapes, no host syncs, no Python-side position: what StaticDecoder captures
+        in a CUDA graph. Does not advance cache.pos (the caller does). Twin: _hidden(idx, cache=cache)."""
+        x = self.embed_tokens(idx)  # (B, 1, D)
+        cos, sin = rope_cos_sin(pos.view(1), self.inv_freq)  # (1, rotary_dim)
+        for l, block in enumerate(self.layers):
+            x, _ = block(x, cos, sin, cache.layers[l], pos)
+        return self.lm_head(self.norm(x)[:, -1]).float()
 
     # ---- loading a transformers checkpoint -----------------------------------------------------------------
 
