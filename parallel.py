@@ -67,7 +67,10 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
+from lightning_attn import lightning_attn
+from model import LightningAttention, SoftmaxAttention, apply_rotary, rope_cos_sin
 from moe import MoE
 
 # -----------------------------------------------------------------------------
@@ -189,8 +192,9 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        recv = torch.empty_like(g)  # (R, ...) recv[q] = rank q's gradient for my slice
-        dist.all_to_all_single(recv, g.contiguous(), group=ctx.group)
+        g = g.contiguous()  # (R, ...); before empty_like, which would copy a permuted layout's strides
+        recv = torch.empty_like(g)  # recv[q] = rank q's gradient for my slice
+        dist.all_to_all_single(recv, g, group=ctx.group)
         return recv.sum(0), None
 
 
@@ -286,6 +290,118 @@ def apply_expert_parallel(model, layout, global_router=False):
         m.run_experts = partial(_ep_run_experts, m, layout)  # instance attribute shadows the class method
         if global_router:
             m.global_counts = partial(_ep_global_counts, m, layout)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# LASP+ sequence parallelism
+
+
+def split_sequence(x, layout):
+    """(B, T, ...) -> this rank's contiguous slice (B, T/sp, ...) of every sequence (idx, targets, embeds)."""
+    T = x.shape[1]
+    if T % layout.sp != 0:
+        raise ValueError(f"parallel: sequence length {T} is not divisible by sp={layout.sp}; every rank of an SP "
+                         f"group needs a slice of the same length (pick block_size / batch length accordingly)")
+    n = T // layout.sp
+    return x[:, layout.sp_rank * n:(layout.sp_rank + 1) * n]
+
+
+def lasp_prefix(states_R, slope_H, slice_len, r):
+    """The state entering slice r from the final states KV_L(q) (zero initial state) of all R slices.
+
+    S_in(r) = sum_{q<r} lambda^{slice_len * (r-1-q)} KV_L(q): KV_L(q) is the state at the END of slice q, it
+    still decays over the r-1-q whole slices between q and r. This is the loop KV_G <- lambda^{len} KV_G + KV_L(q)
+    over q = 0 .. r-1 (MINIMAX01.md section 9), unrolled into one weighted sum so that every rank, rank 0
+    included (all weights 0), uses the gathered tensor and so takes part in its backward collective.
+    states_R (R, B, H, D, E) -> (B, H, D, E), in the states' dtype (fp32).
+    """
+    R, s_H = states_R.shape[0], slope_H.to(states_R.dtype)  # decays in the state dtype (fp32; fp64 in tests)
+    q = torch.arange(R, device=states_R.device)
+    hops = (r - 1 - q).clamp(min=0) * slice_len  # (R,) tokens between the end of slice q and the start of r
+    w_RH = torch.exp(-s_H[None, :] * hops[:, None]) * (q < r)[:, None]  # (R, H) lambda^hops, 0 for q >= r
+    return torch.einsum("qh,qbhde->bhde", w_RH, states_R)
+
+
+def lasp_inter(q, slope_H, prefix):
+    """The inter-rank term lambda^{t+1} q_t^T S_in of each local token t: q (B, H, T, D) -> (B, H, T, E) in the
+    prefix's dtype (fp32: the state precision, as the kernels keep it)."""
+    t = torch.arange(q.shape[2], device=q.device)
+    decay_HT = torch.exp(-slope_H.to(prefix.dtype)[:, None] * (t + 1))  # (H, T) lambda^{t+1}
+    return (q.to(prefix.dtype) * decay_HT[..., None]) @ prefix  # (B, H, T, E)
+
+
+def lasp_attention(q, k, v, slope, layout):
+    """Lightning attention over a sequence split across the SP group (LASP+). q, k, v: this rank's slice."""
+    # (1) local pass from a zero state: intra + inter-chunk parts of the slice, and the slice's own final state
+    o, kv_local = lightning_attn(q, k, v, slope, output_final_state=True)  # (B, H, T, E), (B, H, D, E) fp32
+    # (2) every rank's state (one all-gather; its backward returns each state's gradient to its owner)
+    states = all_gather(kv_local, layout.sp_group)  # (R, B, H, D, E)
+    # (3) prefix of the earlier ranks, decayed, and its contribution to every local output row
+    prefix = lasp_prefix(states, slope, q.shape[2], layout.sp_rank)  # (B, H, D, E)
+    return o + lasp_inter(q, slope, prefix).to(o.dtype)
+
+
+def _sp_lightning_forward(attn, layout, x, cache=None, pos=0):
+    """model.LightningAttention.forward (no-cache path) with the kernel call replaced by lasp_attention."""
+    if cache is not None:
+        raise ValueError("parallel: sequence parallelism is for training/eval forwards; generate on one rank")
+    B, T, _ = x.shape
+    H, Dh = attn.n_head, attn.head_dim
+    qkv = F.silu(attn.qkv_proj(x)).view(B, T, H, 3 * Dh)  # as model.py: per head [q_h | k_h | v_h]
+    q, k, v = qkv.transpose(1, 2).split(Dh, dim=-1)  # each (B, H, T, Dh)
+    o = lasp_attention(q, k, v, attn.slope, layout)  # (B, H, T, Dh)
+    o = attn.norm(o.transpose(1, 2).reshape(B, T, H * Dh))  # (B, T, H * Dh)
+    return attn.out_proj(torch.sigmoid(attn.output_gate(x)) * o)
+
+
+def _sp_softmax_forward(attn, model, layout, x, cos, sin, cache=None, pos=0):
+    """model.SoftmaxAttention.forward for a slice: RoPE at the global positions, keys/values of the whole
+    sequence gathered over the SP group, queries at offset sp_rank * T (lower-right aligned causal mask)."""
+    if cache is not None:
+        raise ValueError("parallel: sequence parallelism is for training/eval forwards; generate on one rank")
+    B, T, _ = x.shape
+    H, Hkv, Dh, r = attn.n_head, attn.n_kv_head, attn.head_dim, layout.sp_rank
+    positions = torch.arange(r * T, (r + 1) * T, device=x.device)  # global positions of my slice
+    cos, sin = rope_cos_sin(positions, model.inv_freq)  # replaces the (0 .. T-1) cos/sin computed by the model
+    q = attn.q_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+    k = attn.k_proj(x).view(B, T, Hkv, Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
+    v = attn.v_proj(x).view(B, T, Hkv, Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    kv = all_gather(torch.stack([k, v]), layout.sp_group)[:r + 1]  # (r+1, 2, B, Hkv, T, Dh): later slices unseen
+    kv = kv.permute(1, 2, 3, 0, 4, 5).reshape(2, B, Hkv, (r + 1) * T, Dh)  # keys 0 .. (r+1)T-1 in order
+    # GQA by repeating the KV heads: the lower-right causal kernels below take equal head counts
+    k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in kv)  # (B, H, (r+1)T, Dh)
+    # query i (global r*T + i) sees keys 0 .. r*T + i: causal aligned to the bottom-right corner
+    S = (r + 1) * T
+    if r == 0:
+        mask = None  # a square slice: plain causal
+    elif q.is_cuda:  # flash / efficient kernels take a lower-right causal mask without materialising (T, S)
+        from torch.nn.attention.bias import causal_lower_right  # (imports torch._dynamo: seconds, so only here)
+        mask = causal_lower_right(T, S)
+    else:  # CPU: SDPA would materialise that mask anyway; same mask, built here
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S) key j <= r*T + i
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    return attn.o_proj(y.transpose(1, 2).reshape(B, T, H * Dh))
+
+
+def apply_sequence_parallel(model, layout):
+    """Make every attention layer of a MiniMax work on a contiguous slice of the sequence (split_sequence).
+
+    Lightning layers: LASP+; softmax layers: gathered K/V; the MoE and norms are per token, unchanged. The
+    loss of a rank is the mean over its slice; sync_gradients turns the ranks' gradients into the gradient of
+    the mean over the whole sequence. The MoE balance loss is computed per slice (as per micro-batch).
+    """
+    if layout.sp == 1:
+        return model
+    for block in model.layers:
+        attn = block.self_attn
+        if isinstance(attn, LightningAttention):
+            attn.forward = partial(_sp_lightning_forward, attn, layout)  # instance attribute shadows the method
+        elif isinstance(attn, SoftmaxAttention):
+            attn.forward = partial(_sp_softmax_forward, attn, model, layout)
+        else:
+            raise ValueError(f"parallel: unknown attention module {type(attn).__name__} for sequence parallelism")
     return model
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 import parallel
 from moe import MoE
@@ -65,6 +66,33 @@ def test_check_layout_messages():
     with pytest.raises(ValueError, match="positive int"):
         parallel.check_layout(4, 0, 1)
 
+
+
+@pytest.mark.parametrize("R,T", [(2, 20), (4, 10), (3, 70)])  # slices shorter / longer than the 64-row chunk
+def test_lasp_prefix_single_process(R, T):
+    """LASP+ on R simulated ranks in one process == lightning attention over the whole sequence (fp64 oracle),
+    for the closed-form prefix (parallel.lasp_prefix) and its loop twin KV_G <- lambda^T KV_G + KV_L(q)."""
+    from lightning_attn import build_slopes, lightning_attn, ref_parallel
+    torch.manual_seed(0)
+    B, H, D = 2, 4, 8
+    q, k, v = (torch.randn(B, H, R * T, D, dtype=torch.float64) * 0.5 for _ in range(3))
+    slope = build_slopes(H, 0, 2) / 4  # slow enough decays that the prefix matters across slices
+    o_ref, _ = ref_parallel(q, k, v, slope)
+    sl = lambda t, r: t[:, :, r * T:(r + 1) * T]
+    outs, states = zip(*[lightning_attn(sl(q, r), sl(k, r), sl(v, r), slope, output_final_state=True)
+                         for r in range(R)])
+    states = torch.stack(states)  # (R, B, H, D, D)
+    kv_g = torch.zeros_like(states[0])  # loop twin: the state entering slice r
+    lam_T = torch.exp(-slope.double() * T)[None, :, None, None]  # (1, H, 1, 1) decay over one slice
+    for r in range(R):
+        prefix = parallel.lasp_prefix(states, slope, T, r)
+        assert_close(prefix, kv_g, 1e-13, f"prefix of slice {r}")
+        o = outs[r] + parallel.lasp_inter(sl(q, r), slope, prefix)
+        # fp64 throughout: differences are summation order only
+        assert_close(o, sl(o_ref, r), 1e-12, f"LASP+ output of slice {r}")
+        o_rerun, _ = lightning_attn(sl(q, r), sl(k, r), sl(v, r), slope, initial_state=kv_g)  # the paper's form
+        assert_close(o_rerun, sl(o_ref, r), 1e-12, f"rerun with initial state, slice {r}")
+        kv_g = lam_T * kv_g + states[r]
 
 # -----------------------------------------------------------------------------
 # harness: run fn(rank, world, tmpdir) in `world` processes over gloo
@@ -205,3 +233,85 @@ def _ep_worker(rank, world, tmpdir):
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel(world):
     spawn(world, _ep_worker)
+
+
+# -----------------------------------------------------------------------------
+# sequence parallelism (and EP inside the model): R ranks == one process, outputs and every gradient
+
+
+def _tiny_config(**kw):
+    from model import MiniMaxConfig
+    # 4 layers: lightning, softmax, lightning, softmax; 4 experts. Balance-loss coefficient 0: the Switch loss
+    # is a product of batch means, so per-slice values do not average to the full-sequence one (docstring of
+    # apply_sequence_parallel); the z-loss is a per-token mean and does, so it stays on as a router loss.
+    base = dict(vocab_size=64, hidden_size=32, num_hidden_layers=4, softmax_every=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=8, rotary_dim=4, intermediate_size=16, num_local_experts=4,
+                num_experts_per_tok=2, block_size=16, max_position_embeddings=256,
+                router_aux_loss_coef=0.0, router_z_loss_coef=1e-2)
+    return MiniMaxConfig(**{**base, **kw})
+
+
+def _tiny_model(cfg, layout=None):
+    from model import MiniMax
+    torch.manual_seed(0)  # identical weights on every rank
+    model = MiniMax(cfg).double()
+    if layout is not None:
+        parallel.apply_expert_parallel(model, layout)
+        parallel.apply_sequence_parallel(model, layout)
+    return model
+
+
+def _batches(n, B, T, vocab, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, vocab, (n, B, T + 1), generator=g)
+    return [(d[:, :-1], d[:, 1:]) for d in data]  # (idx, targets) per data-parallel stream
+
+
+def _assert_grads_match(model, ref, layout, tol, what):
+    """model: the parallel one after sync_gradients; ref: single process. Expert shards vs their slice."""
+    experts = parallel._expert_names(model)
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        g_ref = ref_params[name].grad
+        if name in experts:
+            g_ref = parallel._shard_experts(g_ref, layout)
+        assert_close(p.grad, g_ref, tol, f"{what}: grad of {name}")
+
+
+def _sp_worker(rank, world, tmpdir, layouts):
+    for ep, sp in layouts:
+        what = f"world {world} ep={ep} sp={sp}"
+        layout = init(tmpdir, ep=ep, sp=sp)
+        cfg = _tiny_config()
+        model, ref = _tiny_model(cfg, layout), _tiny_model(cfg)
+        # T = 136: slices of 68 (sp 2) or 34 (sp 4) rows, not multiples of the 64-row chunk nor of block_size
+        batches = _batches(layout.dp_size, 2, 136, cfg.vocab_size)
+        # the model's own loss takes the cross-entropy in fp32; here it is fp64 (the training test uses the
+        # model's loss) and without the MoE aux losses (per-token z-loss: checked in the training test)
+        ce = lambda logits, t: F.cross_entropy(logits.flatten(0, 1), t.flatten())
+        idx, tgt = batches[layout.dp_rank]
+        logits, _ = model(parallel.split_sequence(idx, layout))
+        loss = ce(logits, parallel.split_sequence(tgt, layout))
+        loss.backward()
+        parallel.sync_gradients(model, layout)
+        # the reference: every data-parallel stream's full sequences, loss = mean over the streams
+        ref_losses = []
+        for d, (i, t) in enumerate(batches):
+            ref_logits, _ = ref(i)
+            ref_losses.append(ce(ref_logits, t))
+            if d == layout.dp_rank:
+                assert_close(logits, parallel.split_sequence(ref_logits, layout), 1e-10, what + " logits")
+        ref_loss = torch.stack(ref_losses).mean()
+        ref_loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        # fp64 model: the LASP+ prefix and the gathered-KV attention only reorder sums (logits, loss: ~1e-14).
+        # Grads: model.py's RMSNorm and router softmax run in fp32 even in an fp64 model, so a reordered sum
+        # can flip one fp32 rounding: up to ~1e-7 relative (measured 1e-7 on a norm weight); 1e-6 allows that
+        assert_close(mean_loss / world, ref_loss.detach(), 1e-10, what + " loss")
+        _assert_grads_match(model, ref, layout, 1e-6, what)
+
+
+@pytest.mark.parametrize("world,layouts", [(2, [(1, 2)]), (4, [(1, 4), (2, 2)])])
+def test_sequence_parallel(world, layouts):
+    spawn(world, _sp_worker, layouts)
