@@ -272,24 +272,26 @@ if HAS_TRITON:
         tl.store(DELTA + offs_x[:, None] * DY + offs_y[None, :], acc)
 
     @triton.jit
-    def _seg_scan_kernel(BUF, SLOPE, INIT, FINAL, N, H, SEG_LEN, NSEG,
+    def _seg_scan_kernel(DELTA, STATES, SLOPE, INIT, FINAL, N, H, SEG_LEN, NSEG,
                          DE: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr,
                          HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
-        """In place over BUF (B*H, NSEG, D*E): segment deltas in, segment boundary states out.
-        Forward: BUF[g] <- state entering segment g (from INIT = h0), FINAL <- final state.
-        Reverse: BUF[g] <- gradient of the state leaving segment g (from INIT = d final), FINAL <- d h0."""
+        """DELTA (B*H, NSEG, D*E) segment contributions in, STATES (same shape) segment boundary states out.
+        Forward: STATES[g] = state entering segment g (from INIT = h0), FINAL = final state.
+        Reverse: STATES[g] = gradient of the state leaving segment g (from INIT = d final), FINAL = d h0.
+        (Out of place, so the loads of later segments can be prefetched while the chain runs.)"""
         pid_x, pid_bh = tl.program_id(0), tl.program_id(1)
         g = tl.load(SLOPE + pid_bh % H) * 1.4426950408889634
         offs = pid_x * BLOCK + tl.arange(0, BLOCK)
-        BUF += pid_bh.to(tl.int64) * NSEG * DE
+        DELTA += pid_bh.to(tl.int64) * NSEG * DE
+        STATES += pid_bh.to(tl.int64) * NSEG * DE
         cur = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_INIT:
             cur = tl.load(INIT + pid_bh.to(tl.int64) * DE + offs)
         for j in range(0, NSEG):
             sg = NSEG - 1 - j if REVERSE else j
             seg_tokens = tl.minimum(SEG_LEN, N - sg * SEG_LEN)
-            delta = tl.load(BUF + sg * DE + offs)
-            tl.store(BUF + sg * DE + offs, cur)
+            delta = tl.load(DELTA + sg * DE + offs)
+            tl.store(STATES + sg * DE + offs, cur)
             cur = cur * tl.exp2(-g * seg_tokens) + delta                         # pass the state over segment sg
         if STORE_FINAL:
             tl.store(FINAL + pid_bh.to(tl.int64) * DE + offs, cur)
@@ -429,7 +431,12 @@ if HAS_TRITON:
             # -- dK = dP^T Q + (V dh^T) * b --
             dp_t = tl.dot(_op(v, DOT_FP32), tl.trans(_op(do, DOT_FP32))) * lam_t  # (C, C) = dP^T
             dk = tl.dot(_op(dp_t, DOT_FP32), _op(q, DOT_FP32))                   # (C, D)
-            dk += tl.dot(_op(v, DOT_FP32), tl.trans(dh_op)) * b[:, None]
+            if DOT_FP32:
+                # (dh V^T)^T: with fp32 (TF32) tiles, using dh_op both as B and as B^T gave a wrong dK on an
+                # H200 (Triton 3.6, D=32, E=16; bf16 was right), so transpose the product instead
+                dk += tl.trans(tl.dot(dh_op, tl.trans(_op(v, DOT_FP32)))) * b[:, None]
+            else:
+                dk += tl.dot(_op(v, DOT_FP32), tl.trans(dh_op)) * b[:, None]
             tl.store(DK + rows[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=mask)
             # -- update state gradient: dh <- lam^L dh + Q^T (dO * a) --
             dh = tl.dot(tl.trans(_op(q, DOT_FP32)), _op(do * a[:, None], DOT_FP32), dh * tl.exp2(-g * L))
@@ -444,14 +451,16 @@ if HAS_TRITON:
 
 _HEAD_DIMS = (16, 32, 64, 128)   # powers of two (no masks on D/E); > 128 would need a split state (registers)
 _MIN_CHUNKS_PER_SEGMENT = 8      # below this, the segment pre-pass + scan cost more than the parallelism gains
-_SEG_PROGRAMS_PER_SM = 2         # split sequences until B*H*segments reaches this many programs per SM (0: never)
+_SEG_PROGRAMS_PER_SM = 2         # when B*H < SMs/2: split sequences into ~this many walks per SM (0: never split)
 
 
 def _num_segments(n_chunks, n_programs, device, chunks_per_segment):
-    """(number of segments, chunks per segment): split sequences until the walks fill the GPU."""
+    """(number of segments, chunks per segment). Measured on an H200 (bench --sweep): B4 H32 N8192 fwd+bwd takes
+    1.59 ms unsplit vs 2.02 ms in 3 segments (the pre-pass re-reads k, v / q, dO), while B1 H8 N65536 takes
+    10.7 ms unsplit (8 walks for 132 SMs) vs 1.15 ms in 33 segments. So split only when B*H < SMs/2."""
     if chunks_per_segment is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        want = math.ceil(_SEG_PROGRAMS_PER_SM * sms / n_programs)                # segments per sequence wanted
+        want = 1 if 2 * n_programs >= sms else math.ceil(_SEG_PROGRAMS_PER_SM * sms / n_programs)
         chunks_per_segment = n_chunks if want <= 1 else max(_MIN_CHUNKS_PER_SEGMENT, math.ceil(n_chunks / want))
     chunks_per_segment = max(1, min(chunks_per_segment, n_chunks))
     return math.ceil(n_chunks / chunks_per_segment), chunks_per_segment
@@ -461,24 +470,29 @@ def _segment_states(x, y, slope, init, final, n_seg, cps, C, reverse, dot_fp32):
     """Pre-pass + scan: (B*H, n_seg, Dx, Dy) fp32 states at segment boundaries (see _seg_state/_seg_scan)."""
     B, H, N, DX = x.shape
     DY = y.shape[-1]
-    buf = torch.empty(B * H, n_seg, DX, DY, device=x.device, dtype=torch.float32)
+    delta = torch.empty(B * H, n_seg, DX, DY, device=x.device, dtype=torch.float32)
+    states = torch.empty_like(delta)
     BX, BY = min(64, DX), min(64, DY)
     _seg_state_kernel[((DX // BX) * (DY // BY), n_seg, B * H)](
-        x, y, buf, slope, N, H, cps, DX=DX, DY=DY, C=C, BX=BX, BY=BY, REVERSE=reverse, DOT_FP32=dot_fp32,
+        x, y, delta, slope, N, H, cps, DX=DX, DY=DY, C=C, BX=BX, BY=BY, REVERSE=reverse, DOT_FP32=dot_fp32,
         num_warps=4)
     BLOCK = min(1024, DX * DY)
     _seg_scan_kernel[(DX * DY // BLOCK, B * H)](
-        buf, slope, init, final, N, H, cps * C, n_seg, DE=DX * DY, BLOCK=BLOCK, REVERSE=reverse,
+        delta, states, slope, init, final, N, H, cps * C, n_seg, DE=DX * DY, BLOCK=BLOCK, REVERSE=reverse,
         HAS_INIT=init is not None, STORE_FINAL=final is not None, num_warps=4)
-    return buf
+    return states
 
 
-# Launch parameters per kernel. One small, commented table instead of an autotuner: the bench sweeps them.
-#   BV (forward value slice): E keeps q, k read once (1 KB/token-head); E/2 halves registers, doubles programs.
-#   BK (dq key slice), num_warps, num_stages (software-pipelining depth of the chunk loads).
-_CONFIG = {"fwd": dict(BV=128, num_warps=8, num_stages=2),
-           "dq": dict(BK=128, num_warps=8, num_stages=2),
-           "dkdv": dict(num_warps=8, num_stages=2)}
+# Launch parameters per kernel: one small table instead of an autotuner; `bench/lightning_bench.py --sweep`
+# measures the alternatives. Chosen on an H200 at D = E = 128, C = 64 (fwd ms at B4 H32 N8192 / B1 H8 N65536):
+#   fwd  BV = 64, 4 warps, 2 stages: 0.58 / 0.36 (BV = 128 with 8 warps, the state whole in registers: 0.67 /
+#        0.41; BV = 64 with 8 warps: 0.76 / 0.45). Two value slices re-read q, k but double the programs.
+#   dq   BK = 64, 4 warps, 2 stages (2-8 % better than BK = 128 / 8 warps in fwd+bwd).
+#   dkdv the whole (D, E) state gradient in registers needs 8 warps; 3 stages beat 2 by 10 %, 1 stage by 20 %.
+# C = 32 was 60 % slower than C = 64 in fwd+bwd; C = 128 does not fit the registers with these tiles.
+_CONFIG = {"fwd": dict(BV=64, num_warps=4, num_stages=2),
+           "dq": dict(BK=64, num_warps=4, num_stages=2),
+           "dkdv": dict(num_warps=8, num_stages=3)}
 
 
 def _launch_opts(name, D, E):

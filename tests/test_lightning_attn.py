@@ -171,14 +171,22 @@ def test_noncontiguous_inputs():
 
 
 def test_wrapper_bf16_accuracy():
-    """lightning_attn in bf16 (Triton kernels on GPU, chunked path on CPU) vs fp64 on the same rounded inputs."""
+    """lightning_attn in bf16 (Triton kernels on GPU, chunked path on CPU) vs fp64 on the same rounded inputs,
+    output and gradients."""
     q, k, v, slope, _ = make_inputs(2, 4, 300, 64, 64, h0=False, dtype=torch.bfloat16)
-    o, f = la.lightning_attn(q, k, v, slope.float(), output_final_state=True)
-    o_r, f_r = la.ref_parallel(q.double(), k.double(), v.double(), slope.double())
+    go = torch.randn_like(v)
+    o_r, _, dq_r, dk_r, dv_r, _ = ref_with_grads(q.double(), k.double(), v.double(), slope.double(), None,
+                                                 go.double(), 0.0)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o, f = la.lightning_attn(*leaves, slope.float(), output_final_state=True)
     assert o.dtype == torch.bfloat16 and f.dtype == torch.float32
-    # global <= 5e-3 (issue target; correct kernels measure 1.7e-3), per row <= 1e-2 (KERNELS.md section 8)
-    assert ((o.double() - o_r).norm() / o_r.norm()).item() < 5e-3
-    assert row_err(o, o_r) < 1e-2 and row_err(f, f_r) < 5e-3
+    o.backward(go)
+    # global <= 5e-3 (issue target; correct kernels measure 1.7e-3 fwd, 1.9-2.8e-3 grads). Per row: output 1e-2
+    # (KERNELS.md section 8); gradients 2e-2, because the random-sign upstream gradient makes some dq rows
+    # cancel: worst dq row measured 8.9e-3 on an H200 for this kernel AND for fla's (B1 H8 N1000).
+    for x, r, row_tol in zip([o] + [x.grad for x in leaves], [o_r, dq_r, dk_r, dv_r], [1e-2, 2e-2, 2e-2, 2e-2]):
+        assert x.dtype == torch.bfloat16
+        assert ((x.double() - r).norm() / r.norm()).item() < 5e-3 and row_err(x, r) < row_tol
 
 
 @pytest.mark.parametrize("impl", ["lightning_attn", "lightning_attn_triton"])
