@@ -166,14 +166,13 @@ print(f"sampling {source} on {device} ({dtype}), tokenizer {tokenizer}", file=sy
 torch.manual_seed(seed)
 x = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T0)
 for s in range(num_samples):
-    print(f"---------- sample {s + 1}/{num_samples} ----------", flush=True)
-    print(prompt, end="", flush=True)
     decode = StreamDecoder(enc)
     t0 = time.time()
     with autocast:
         for n, next_id in enumerate(generate_stream(x, max_new_tokens, temperature, top_k), start=1):
-            if n == 1:
-                t1 = time.time()  # first token out: prefill done
+            if n == 1:  # first token out: the prefill is done (anything it printed is above the header)
+                t1 = time.time()
+                print(f"---------- sample {s + 1}/{num_samples} ----------\n{prompt}", end="", flush=True)
             print(decode(next_id[0].tolist()), end="", flush=True)  # host sync: the token id
     print(decode.flush())
     t2 = time.time()

@@ -109,7 +109,10 @@ def parse_knobs(argv):
                 return kind(s)  # int("3"), float("3e-4"), str(...)
             except ValueError:
                 pass
-        die(f"--{key}={s}: expected {'an int' if kind is int else 'a ' + kind.__name__} (default {defaults[key]!r})")
+        die(f"--{key}={s}: expected {type_name(kind)} (default {defaults[key]!r})")
+
+    def type_name(kind):
+        return {int: "an int", float: "a float", bool: "a bool (true/false)", str: "a str"}[kind]
 
     explicit = {}
     for arg in argv:
@@ -132,7 +135,7 @@ def parse_knobs(argv):
                 if kind is float and type(value) is int:
                     value = float(value)  # `learning_rate = 1` means 1.0
                 if type(value) is not kind:
-                    die(f"{arg}: {key} = {value!r} should be a {kind.__name__} (default {defaults[key]!r})")
+                    die(f"{arg}: {key} = {value!r} should be {type_name(kind)} (default {defaults[key]!r})")
                 explicit[key] = value
         else:
             die(f"don't understand argument '{arg}': use --key=value or a config/*.py file (see --help)")
@@ -454,7 +457,8 @@ while True:
     if not (math.isfinite(loss_f) and math.isfinite(norm_f)):  # stop before the bad update reaches the weights
         kept = f"the last good checkpoint, {ckpt_path} (step {last_saved}), is untouched" if last_saved else \
             "no checkpoint had been saved yet"
-        die(f"loss is {loss_f} (gradient norm {norm_f}) at step {step}: stopped before applying this step; {kept}. "
+        die(f"non-finite {'loss' if not math.isfinite(loss_f) else 'gradient'} at step {step} (loss {loss_f}, "
+            f"gradient norm {norm_f}): stopped before applying this step; {kept}. "
             f"Try a lower learning_rate or a longer warmup_iters.", code=3)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -471,10 +475,11 @@ while True:
         drop = (load_LE * dropped_LE).sum(-1).mean().item()  # fraction of routed slots dropped
         aux = float(stats["aux_loss"])  # host sync
         tok_s = tokens_per_step / dt
-        mfu = raw_model.estimate_mfu(tokens_per_step // ddp_world_size, dt, seq_len=seq_len)
+        # MFU against one H100's bf16 peak: meaningful on GPUs only (on CPU it is logged as null)
+        mfu = raw_model.estimate_mfu(tokens_per_step // ddp_world_size, dt, seq_len) if device_type == "cuda" else None
         eta = (max_iters - step - 1) * (dt_avg or dt)
         print0(f"step {step}/{max_iters} | loss {loss_f:.4f} | aux {aux:.4f} | balance {balance:.2f} drop {drop:.1%} "
-               f"| lr {lr:.2e} | dt {dt * 1000:.0f}ms | tok/s {tok_s:,.0f} | mfu {mfu:.1%} "
+               f"| lr {lr:.2e} | dt {dt * 1000:.0f}ms | tok/s {tok_s:,.0f} | mfu {'-' if mfu is None else f'{mfu:.1%}'} "
                f"| eta {int(eta // 60)}m{int(eta % 60):02d}s")
         log_metrics({"kind": "step", "step": step, "loss": loss_f, "aux_loss": aux, "balance": balance,
                      "drop": drop, "grad_norm": norm_f, "lr": lr, "dt": dt, "tok_s": tok_s, "mfu": mfu})

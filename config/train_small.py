@@ -1,0 +1,22 @@
+# GPU demo: the 'small' preset (16 layers, hidden 512, 8 experts top-2: ~97M active / ~325M total parameters)
+# on the default stdlib dataset with the byte tokenizer, ~10 minutes on one H100:
+#     python train.py config/train_small.py
+#     torchrun --standalone --nproc_per_node=8 train.py config/train_small.py --gradient_accumulation_steps=8
+#     python sample.py --out_dir=out-small
+# Byte tokens: the stdlib is only ~12M tokens, and bytes give the model the most of them (cl100k_base makes
+# 2.9M); the vocabulary is 320 rows instead of 100k, so nearly all compute goes to the layers.
+out_dir = "out-small"
+preset = "small"
+dataset = "stdlib"
+tokenizer = "byte"
+seq_len = 1024
+batch_size = 16                   # 16,384 tokens per micro-batch: ~4k rows per expert, enough for grouped GEMMs
+gradient_accumulation_steps = 2   # 32,768 tokens per optimizer step
+max_iters = 1500                  # ~49M tokens, ~4 passes over the data
+warmup_iters = 100
+learning_rate = 1e-3
+min_lr_frac = 0.1
+eval_interval = 250
+eval_iters = 20
+log_interval = 25
+compile = False                   # the lightning Triton kernels are custom autograd Functions; try --compile
