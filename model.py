@@ -299,6 +299,57 @@ class LightningAttention(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# the loss without the logits tensor
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """mean over rows with targets != -1 of CE(x @ w^T, targets), holding (chunk, V) logits at a time.
+
+    The forward also computes the gradients, chunk by chunk: d loss / d logits = (softmax - onehot) / n_valid,
+    then dx = g @ w and dw += g^T @ x_chunk. The backward only scales them by the incoming gradient. Same
+    matmul FLOPs as the plain lm_head + F.cross_entropy (no recompute); memory O(chunk * V) instead of about
+    4 (N, V) tensors (bf16 logits, their fp32 copy, log-softmax, its gradient). Twin: forward(logits=True).
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, w_VD, targets_N, chunk, need_grad):
+        acc = torch.float64 if x_ND.dtype == torch.float64 else torch.float32  # softmax precision (fp64 tests)
+        valid_N = targets_N != -1
+        n_valid = valid_N.sum()  # a device tensor: no host sync
+        loss = torch.zeros((), device=x_ND.device, dtype=acc)
+        dx_ND = torch.empty_like(x_ND) if need_grad else None
+        dw_VD = torch.zeros(w_VD.shape, device=w_VD.device, dtype=acc) if need_grad else None
+        for s in range(0, x_ND.shape[0], chunk):
+            x_nD, t_n, ok_n = x_ND[s:s + chunk], targets_N[s:s + chunk].clamp(min=0), valid_N[s:s + chunk]
+            logits_nV = (x_nD @ w_VD.t()).to(acc)  # (n, V): the matmul in x's dtype, like the plain path
+            lse_n = torch.logsumexp(logits_nV, dim=-1)  # (n,)
+            loss += ((lse_n - logits_nV.gather(1, t_n[:, None]).squeeze(1)) * ok_n).sum()
+            if need_grad:
+                g_nV = logits_nV.sub_(lse_n[:, None]).exp_()  # softmax, in place over the logits
+                g_nV.scatter_add_(1, t_n[:, None], -torch.ones_like(lse_n)[:, None])  # - onehot(target)
+                g_nV = (g_nV * (ok_n.to(acc) / n_valid)[:, None]).to(x_ND.dtype)  # ignored rows get no gradient
+                dx_ND[s:s + chunk] = g_nV @ w_VD  # (n, D)
+                dw_VD += (g_nV.t() @ x_nD).to(acc)  # (V, D), summed over chunks in fp32
+        ctx.save_for_backward(dx_ND, dw_VD)
+        ctx.w_dtype = w_VD.dtype
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, g):
+        dx_ND, dw_VD = ctx.saved_tensors
+        return (dx_ND * g).to(dx_ND.dtype), (dw_VD * g).to(ctx.w_dtype), None, None, None
+
+
+def chunked_cross_entropy(x_ND, w_VD, targets_N, chunk=None):
+    """F.cross_entropy((x @ w^T).float(), targets, ignore_index=-1) without materialising the (N, V) logits.
+    x (N, D) final hidden states, w (V, D) the lm_head weight, targets (N,). chunk: rows per step (default
+    about 2^27 / V, i.e. 512 MB of fp32 logits)."""
+    chunk = chunk or max(1, 2 ** 27 // w_VD.shape[0])
+    need_grad = torch.is_grad_enabled() and (x_ND.requires_grad or w_VD.requires_grad)
+    return _ChunkedCrossEntropy.apply(x_ND, w_VD, targets_N, chunk, need_grad)
+
+
+# -----------------------------------------------------------------------------
 # the decoder block
 
 
@@ -353,6 +404,11 @@ class Cache:
     layers: list
     max_len: int
     pos: int = 0
+
+
+def _fp32(logits):
+    """Sampling precision: fp32 (fp64 stays fp64, for the fp64 tests)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 class StaticDecoder:
@@ -416,6 +472,9 @@ class MiniMax(nn.Module):
         # RoPE inverse frequencies theta^(-2i / rotary_dim), i = 0 .. rotary_dim/2 - 1 (set in _init_buffers)
         self.register_buffer("inv_freq", torch.empty(config.rotary_dim // 2), persistent=False)
         self.last_stats = {}  # detached numbers for the training log, refreshed by forward(..., targets)
+        # speed knobs (bench/NOTES_speed.md), each with its plain twin tested in tests/test_speed_paths.py:
+        self.checkpoint_layers = 0  # recompute the first n blocks in the backward (activation checkpointing)
+        self.check_ids = True  # validate token ids: one host sync per forward; tight training loops may skip it
         self._init_buffers()
         self.init_weights()
 
@@ -558,7 +617,8 @@ class MiniMax(nn.Module):
                 raise ValueError(f"MiniMax: idx must be a (B, T) integer tensor, got {idx.dtype} {tuple(idx.shape)}")
             # host sync (.any() -> Python bool), one per forward: an out-of-range id would otherwise be a CUDA
             # device-side assert that kills the process without saying which id. Skipped under torch.compile.
-            if not torch.compiler.is_compiling() and ((idx < 0) | (idx >= self.config.vocab_size)).any():
+            if (self.check_ids and not torch.compiler.is_compiling()
+                    and ((idx < 0) | (idx >= self.config.vocab_size)).any()):
                 bad = idx[(idx < 0) | (idx >= self.config.vocab_size)]
                 raise ValueError(f"MiniMax: token ids must be in [0, vocab_size={self.config.vocab_size}), got "
                                  f"{bad[:8].tolist()}; check that the tokenizer matches the model's vocab_size")
@@ -585,13 +645,17 @@ class MiniMax(nn.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq)  # (T, rotary_dim) each, shared by all softmax layers
         auxes = []
         for l, block in enumerate(self.layers):
-            x, aux = block(x, cos, sin, None if cache is None else cache.layers[l], pos)
+            if l < self.checkpoint_layers and cache is None and torch.is_grad_enabled():
+                # activation checkpointing: keep only the block's input; the backward reruns the block
+                x, aux = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x, aux = block(x, cos, sin, None if cache is None else cache.layers[l], pos)
             auxes.append(aux)
         if cache is not None:
             cache.pos = pos + T
         return self.norm(x), auxes
 
-    def forward(self, idx, targets=None, inputs_embeds=None, cache=None):
+    def forward(self, idx, targets=None, inputs_embeds=None, cache=None, logits=True):
         """idx (B, T) token ids -> (logits (B, T, V), loss or None).
 
         loss = cross-entropy (fp32, targets == -1 ignored) + mean over the layers of the MoE aux['aux_loss']
@@ -600,12 +664,18 @@ class MiniMax(nn.Module):
         'z_loss' (means over layers), 'load' (L, E) and 'dropped' (L, E).
         inputs_embeds (B, T, D) replaces the embedding lookup (vision.py); pass idx=None then.
         cache (see new_cache) makes this an incremental step: the T new tokens sit at positions cache.pos ...
+        logits=False (with targets): the loss by chunked_cross_entropy, never holding the (B, T, V) logits
+        (at T = 64k they are 4 GB in bf16 plus 3 fp32 copies in the plain path); returns (None, loss).
         """
         x, auxes = self._hidden(idx, inputs_embeds, cache)
-        logits = self.lm_head(x)  # (B, T, V)
-        if targets is None:
-            return logits, None
-        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        if targets is None or logits:
+            logits = self.lm_head(x)  # (B, T, V)
+            if targets is None:
+                return logits, None
+            ce = F.cross_entropy(_fp32(logits).view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        else:
+            logits = None
+            ce = chunked_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
         aux_loss = torch.stack([a["aux_loss"] for a in auxes]).mean()
         self.last_stats = {
             "ce": ce.detach(),
@@ -682,14 +752,14 @@ class MiniMax(nn.Module):
                     logits = decoder(next_id)
                 else:
                     x, _ = self._hidden(next_id, cache=cache)  # (B, 1, D)
-                    logits = self.lm_head(x[:, -1]).float()
+                    logits = _fp32(self.lm_head(x[:, -1]))
         return torch.cat(out, dim=1)
 
     @torch.no_grad()
     def prefill(self, idx, cache):
         """Run the prompts idx (B, T0) into an empty cache -> logits of the last position (B, V) fp32."""
         x, _ = self._hidden(idx, cache=cache)  # (B, T0, D)
-        return self.lm_head(x[:, -1]).float()  # only the last position is needed
+        return _fp32(self.lm_head(x[:, -1]))  # only the last position is needed
 
     @torch.no_grad()
     def decode_step(self, idx, cache, pos):
@@ -700,7 +770,7 @@ class MiniMax(nn.Module):
         cos, sin = rope_cos_sin(pos.view(1), self.inv_freq)  # (1, rotary_dim)
         for l, block in enumerate(self.layers):
             x, _ = block(x, cos, sin, cache.layers[l], pos)
-        return self.lm_head(self.norm(x)[:, -1]).float()
+        return _fp32(self.lm_head(self.norm(x)[:, -1]))
 
     # ---- loading a transformers checkpoint -----------------------------------------------------------------
 
