@@ -33,7 +33,8 @@ Token drop (capacity_factor=cf, default None = dropless): each expert keeps at m
 slots. Policy: *earliest tokens win*. Slots of one expert are kept in token order (t = 0, 1, ...), the rest
 are dropped; a dropped slot contributes zero and the token keeps its residual. The gate weight of a dropped
 slot is not given to the other expert (no renormalisation). Deterministic and free of host syncs; the price is
-that the tokens late in a batch are the ones dropped when an expert overflows.
+that the tokens late in a batch are the ones dropped when an expert overflows. Drops happen only in training
+mode (module.train()); in eval mode the layer is dropless.
 
 Determinism: no atomics on floats. The combine views the slots as (T, K, D) and adds them in a fixed order; the
 backward of the permute sums the K slot gradients of a token the same way instead of scattering (index_add).
@@ -250,7 +251,9 @@ class MoE(nn.Module):
         ids_sorted_N, order_N = torch.sort(ids_N, stable=True)  # (N,) expert-major, token order inside
         # counts per expert: integer scatter_add (order-independent, so deterministic); bincount would sync
         counts_E = ids_N.new_zeros(E).scatter_add_(0, ids_N, torch.ones_like(ids_N))  # (E,)
-        if self.capacity_factor is None:
+        # token drop is a training-time device (MiniMax-01 drops only while training): in eval mode, and so in
+        # generation, where T = 1 per step, the layer is dropless and a cached decode equals the full forward
+        if self.capacity_factor is None or not self.training:
             return order_N, counts_E, counts_E, None
         # capacity: keep a slot iff fewer than C slots of its expert come before it (earlier ranks, tokens)
         N = ids_N.numel()

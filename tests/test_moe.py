@@ -206,6 +206,20 @@ def test_capacity_drops_documented_slots_top1():
     assert torch.allclose(aux["load"], torch.tensor([5 / 6, 1 / 6]))
 
 
+def test_capacity_drops_only_in_training_mode():
+    # Same routing as the top-1 case above (tokens 4 and 5 overflow expert 0): in eval mode (generation) the
+    # layer must be dropless, so a cached decode with T = 1 per step equals the full forward.
+    m = make(2, 1, capacity_factor=1.0)
+    x = force_routing(m, [[0], [0], [1], [0], [0], [0]])
+    m_free = make(2, 1)
+    m_free.load_state_dict(m.state_dict())
+    m.eval()
+    y, aux = m(x)
+    assert torch.equal(y, m_free(x)[0])
+    assert torch.equal(aux["dropped"], torch.zeros(2, dtype=aux["dropped"].dtype))
+    assert torch.count_nonzero(y[[4, 5]]) > 0
+
+
 def test_capacity_drops_documented_slots_top2():
     # T=4, E=4, K=2, cf=0.5 -> C = ceil(0.5 * 2 * 4 / 4) = 1 slot per expert. Choices (first, second):
     #   t0: (0, 1)  t1: (2, 0)  t2: (1, 3)  t3: (3, 2)
