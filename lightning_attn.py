@@ -23,6 +23,11 @@ Paths (all return (o, final_state), o in v's dtype):
     lightning_attn                 CUDA tensors -> Triton, otherwise -> chunked (says once which ran)
     lightning_attn_decode          one token, O(D*E): generation
 
+Kernels: per (b, h) one sequential walk over chunks keeps the fp32 state in registers (no per-chunk states in
+HBM); short-and-few sequences are cut into segments that walk in parallel after a cheap segment-state pass.
+Forward 1 launch (3 when split), backward 2 (4 when split). On an H200 at B4 H32 N8192 D128 bf16: forward
+0.385 ms, forward+backward 1.60 ms; fla's chunk_simple_gla 0.913 / 3.84 ms in the same process.
+
 Run the tests:      python -m pytest -q tests/test_lightning_attn.py     (CPU: kernels in Triton's interpreter)
 Run the benchmark:  python bench/lightning_bench.py                      (GPU)
 """
@@ -40,7 +45,6 @@ except ImportError:  # pragma: no cover
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported: set it before.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-LOG2E = 1.4426950408889634  # exp(-s x) = exp2(-s log2(e) x): the kernels use exp2 on pre-scaled slopes
 
 if HAS_TRITON and INTERPRET:
     # Triton 3.6's interpreter turns a loop bound into a Python int with int(ndarray of shape (1,)), which
@@ -244,7 +248,7 @@ if HAS_TRITON:
         pid_xy, pid_s, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_seg = tl.num_programs(1)
         pid_x, pid_y = pid_xy // (DY // BY), pid_xy % (DY // BY)
-        g = tl.load(SLOPE + pid_bh % H) * 1.4426950408889634                  # log2 decay per token
+        g = tl.load(SLOPE + pid_bh % H) * 1.4426950408889634                  # s * log2(e): exp2 decays
         offs_c = tl.arange(0, C)
         offs_x = pid_x * BX + tl.arange(0, BX)
         offs_y = pid_y * BY + tl.arange(0, BY)
@@ -304,7 +308,7 @@ if HAS_TRITON:
         HS (B*H, n_seg, D, E): state entering each segment (h0 for segment 0); HT: final state out."""
         pid_v, pid_s, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_seg = tl.num_programs(1)
-        g = tl.load(SLOPE + pid_bh % H) * 1.4426950408889634                  # log2 decay per token
+        g = tl.load(SLOPE + pid_bh % H) * 1.4426950408889634                  # s * log2(e): exp2 decays
         offs_c = tl.arange(0, C)
         offs_d = tl.arange(0, D)
         offs_v = pid_v * BV + tl.arange(0, BV)
@@ -495,13 +499,24 @@ _CONFIG = {"fwd": dict(BV=64, num_warps=4, num_stages=2),
            "dkdv": dict(num_warps=8, num_stages=3)}
 
 
-def _launch_opts(name, D, E):
+def _launch_opts(name, D, E, C, dot_fp32, device):
+    """_CONFIG[name] clipped to the head dims, with num_stages lowered until the pipelined chunk tiles fit in
+    shared memory: stages * (bytes of one chunk's tiles) + (the state operand) <= the per-block limit. This
+    model matches what Triton asked for on an H200 (fp32 dkdv, D=128, E=64: 3 stages = 311,296 B > 232,448 B;
+    bf16 dkdv D = E = 128, 3 stages fits)."""
     cfg = dict(_CONFIG[name])
-    if INTERPRET:
-        cfg.pop("num_stages"), cfg.pop("num_warps")
     for key, dim in (("BV", E), ("BK", D)):
         if key in cfg:
             cfg[key] = min(cfg[key], dim)
+    if INTERPRET:
+        cfg.pop("num_stages"), cfg.pop("num_warps")
+        return cfg
+    elt = 4 if dot_fp32 else 2                                                   # fp32 (TF32) or bf16 tiles
+    per_stage, fixed = {"fwd": (C * (2 * D + cfg.get("BV", 0)), D * cfg.get("BV", 0)),
+                        "dq": (C * (cfg.get("BK", 0) + 2 * E), cfg.get("BK", 0) * E),
+                        "dkdv": (C * (2 * D + 2 * E), D * E)}[name]
+    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    cfg["num_stages"] = max(1, min(cfg["num_stages"], (limit - fixed * elt) // (per_stage * elt)))
     return cfg
 
 
@@ -524,7 +539,7 @@ class _LightningAttnFn(torch.autograd.Function):
         hs = h0
         if n_seg > 1:
             hs = _segment_states(k, v, slope, h0, ht, n_seg, cps, C, False, dot_fp32)
-        cfg = _launch_opts("fwd", D, E)
+        cfg = _launch_opts("fwd", D, E, C, dot_fp32, q.device)
         _fwd_kernel[lambda META: (E // META["BV"], n_seg, B * H)](
             q, k, v, o, slope, hs, ht, N, H, cps, D=D, E=E, C=C, HAS_HS=hs is not None,
             STORE_HT=output_final_state and n_seg == 1, DOT_FP32=dot_fp32, **cfg)
@@ -546,12 +561,12 @@ class _LightningAttnFn(torch.autograd.Function):
         dhs = dht
         if n_seg > 1:
             dhs = _segment_states(q, do, slope, dht, dh0, n_seg, cps, C, True, dot_fp32)
-        cfg = _launch_opts("dq", D, E)
+        cfg = _launch_opts("dq", D, E, C, dot_fp32, q.device)
         _bwd_dq_kernel[lambda META: (D // META["BK"], n_seg, B * H)](
             k, v, do, dq, slope, hs, N, H, cps, D=D, E=E, C=C, HAS_HS=hs is not None, DOT_FP32=dot_fp32, **cfg)
         _bwd_dkdv_kernel[(1, n_seg, B * H)](
             q, k, v, do, dk, dv, slope, dhs, dh0, N, H, cps, D=D, E=E, C=C, HAS_DHS=dhs is not None,
-            STORE_DH0=has_h0 and n_seg == 1, DOT_FP32=dot_fp32, **_launch_opts("dkdv", D, E))
+            STORE_DH0=has_h0 and n_seg == 1, DOT_FP32=dot_fp32, **_launch_opts("dkdv", D, E, C, dot_fp32, q.device))
         return dq, dk, dv, None, dh0, None, None, None
 
 
@@ -587,9 +602,12 @@ def lightning_attn(q, k, v, slope, initial_state=None, output_final_state=False)
     """Lightning attention, (o, final_state). CUDA tensors run the Triton kernels; anything else runs the chunked
     PyTorch path (printed once). q, k: (B, H, N, D); v: (B, H, N, E); slope (H,); initial_state (B, H, D, E) fp32.
     Differentiable in q, k, v and initial_state (not in slope: MiniMax's slopes are fixed buffers)."""
-    if q.is_cuda and HAS_TRITON:
+    kernel_ok = (q.dtype in (torch.float32, torch.bfloat16, torch.float16) and q.shape[-1] in _HEAD_DIMS
+                 and v.shape[-1] in _HEAD_DIMS) if HAS_TRITON else False
+    if q.is_cuda and kernel_ok:
         return lightning_attn_triton(q, k, v, slope, initial_state, output_final_state)
-    _announce("lightning_attn: no CUDA tensors -> pure-PyTorch chunked path (slow twin of the Triton kernels)")
+    why = "no CUDA tensors" if not q.is_cuda else f"{q.dtype}, D={q.shape[-1]}, E={v.shape[-1]} not in the kernels"
+    _announce(f"lightning_attn: {why} -> pure-PyTorch chunked path (slow twin of the Triton kernels)")
     o, final = lightning_attn_chunked(q, k, v, slope, initial_state, output_final_state)
     return o, (final.float() if final is not None and final.dtype != torch.float64 else final)
 
