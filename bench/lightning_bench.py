@@ -210,6 +210,7 @@ def kernel_breakdown(B, H, N):
     reps = 5
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
+            q.grad = k.grad = v.grad = None                 # no gradient accumulation kernels in the profile
             run_ours(q, k, v, slope).backward(do)
         torch.cuda.synchronize()
     print(f"\nper-kernel device time, B{B} H{H} N{N} (mean of {reps} fwd+bwd):")
