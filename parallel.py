@@ -111,23 +111,26 @@ def check_layout(world, ep, sp, num_experts=None):
                          f"the same number of experts, pick ep among the divisors of {num_experts}")
 
 
-def init_distributed(ep=1, sp=1, num_experts=None, backend=None, init_method="env://", timeout_s=None):
-    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE, start the process group, build the groups.
+def init_distributed(ep=1, sp=1, num_experts=None, device=None, backend=None, init_method="env://",
+                     timeout_s=None):
+    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE, start the process group, build the groups. -> Layout
 
     Without RANK in the environment this is a single process (ep = sp = 1 required) and no group is created.
-    Backend: NCCL when CUDA is available, gloo otherwise. The layout is checked before any collective, so a
-    mis-sized launch raises the same ValueError on every rank instead of hanging.
+    device: 'cuda' / 'cpu' / None = cuda if available (a rank uses cuda:LOCAL_RANK). Backend: NCCL on CUDA, gloo
+    on CPU. The layout is checked before any collective, so a mis-sized launch raises the same ValueError on
+    every rank instead of hanging. Called again in the same process, it only builds the groups of a new layout.
     """
     distributed = "RANK" in os.environ
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     check_layout(world, ep, sp, num_experts)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     layout = Layout(rank=rank, world=world, local_rank=local_rank, device=device, master_process=rank == 0,
                     ep=ep, sp=sp, ep_rank=rank % ep, sp_rank=rank % sp, dp_rank=rank // sp, dp_size=world // sp)
     if not distributed:
