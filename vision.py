@@ -237,6 +237,7 @@ def pack_image_features(feats, grid, size, newline):
 # the ViT (CLIP layout, pre-norm, no post-layernorm: MiniMax-VL-01 takes the last layer's output as is)
 
 class VisionAttention(nn.Module):
+    """Multi-head self-attention over the 1 + P tokens of one tile, no mask, scale 1/sqrt(head dim)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -276,6 +277,8 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(cfg)
 
     def forward(self, x):
+        # pre-norm: each sub-layer reads a normalised copy and adds to the untouched residual stream, so the
+        # stream's scale grows with depth (CLIP has no final norm on the features MiniMax-VL uses)
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 
@@ -300,7 +303,7 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (n, P, V), patches row-major
         cls = self.class_embedding.to(x.dtype).expand(n, 1, -1)  # (n, 1, V)
         x = torch.cat([cls, x], dim=1) + self.position_embedding.weight.to(x.dtype)  # (n, 1+P, V)
-        x = self.pre_layrnorm(x)
+        x = self.pre_layrnorm(x)  # CLIP's extra LayerNorm on the embeddings, before the first block
         for block in self.layers:
             x = block(x)
         return x[:, 1:]  # (n, P, V): CLS dropped, no post-layernorm
@@ -365,6 +368,11 @@ class MiniMaxVL(nn.Module):
         nn.init.normal_(vt.position_embedding.weight, std=0.02)
         nn.init.normal_(self.image_newline, std=self.image_newline.numel() ** -0.5)
 
+    @property
+    def last_stats(self):
+        """The text model's training-log numbers of the last forward with targets (see MiniMax.forward)."""
+        return self.language_model.last_stats
+
     def process(self, img):
         """(3, h, w) uint8 image -> ProcessedImage for this model's tile and patch size."""
         c = self.vision_config
@@ -374,7 +382,10 @@ class MiniMaxVL(nn.Module):
         """List of ProcessedImage -> (sum of n_tokens, D). Every tile and thumbnail of every image goes through
         the ViT and the projector as one batch."""
         pixels = torch.cat([im.pixel_values for im in images])  # (n_tiles, 3, t, t)
+        # tiles never see each other (each is its own ViT sequence): batching them is free parallelism
         feats = self.multi_modal_projector(self.vision_tower(pixels))  # (n_tiles, P, D)
+        # the projector is per token, so projecting before packing equals packing then projecting; the
+        # newline vector is added after projection because it lives in the text space
         out, i = [], 0
         for im in images:
             n = 1 + im.grid[0] * im.grid[1]
@@ -449,6 +460,18 @@ class MiniMaxVL(nn.Module):
         return torch.cat(new, dim=1)
 
 
+def vl_from_checkpoint(ckpt, device="cpu"):
+    """Rebuild a MiniMaxVL from a checkpoint dict: 'model_config' (MiniMaxConfig fields), 'vision_config'
+    (VisionConfig fields) and 'model' (MiniMaxVL.state_dict(), loaded strictly)."""
+    from model import MiniMax, MiniMaxConfig
+    if "vision_config" not in ckpt:
+        raise ValueError("this checkpoint has no 'vision_config': it is a text-only model, not a MiniMax-VL one")
+    with torch.device(device):
+        m = MiniMaxVL(MiniMax(MiniMaxConfig(**ckpt["model_config"])), VisionConfig(**ckpt["vision_config"]))
+    m.load_state_dict(ckpt["model"])
+    return m
+
+
 # -----------------------------------------------------------------------------
 # processor: text + images -> ids, targets and ProcessedImages
 
@@ -458,6 +481,10 @@ CAPTION_PROMPT = "Describe the image:"
 
 def tokenize_with_images(enc, text, image_token_id):
     """Encode `text`, turning every "<image>" into ONE image_token_id (expand_image_tokens widens it)."""
+    if image_token_id < enc.n_vocab:
+        raise ValueError(f"image_token_id {image_token_id} is a real token of the '{enc.name}' tokenizer (ids < "
+                         f"{enc.n_vocab}); build the text model with vocab_size > {enc.n_vocab} so its last id "
+                         f"is free for the image placeholder")
     ids = []
     for i, piece in enumerate(text.split(IMAGE_MARK)):
         if i:

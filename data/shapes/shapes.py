@@ -62,8 +62,8 @@ def make_example(rng, min_side=MIN_SIDE, max_side=MAX_SIDE):
     long_side = int(rng.integers(min_side, max_side + 1))
     h, w = (long_side, long_side * aspect) if aspect < 1 else (long_side / aspect, long_side)
     h, w = max(min_side, int(h)), max(min_side, int(w))
-    bg = rng.integers(190, 245, size=3)
-    img = np.clip(bg + rng.normal(0, 6, size=(h, w, 3)), 0, 255).astype(np.uint8)
+    bg = rng.integers(190, 245, size=3).astype(np.int16)  # a light background colour, then +-10 pixel noise
+    img = (bg + rng.integers(-10, 11, size=(h, w, 3), dtype=np.int16)).astype(np.uint8)  # stays in 180..254
     # groups: one or two distinct (colour, shape) pairs, 1-4 objects in all
     n_groups = 1 if rng.random() < 0.5 else 2
     pairs = set()
@@ -72,7 +72,8 @@ def make_example(rng, min_side=MIN_SIDE, max_side=MAX_SIDE):
     pairs = sorted(pairs)  # caption order: shape, then colour
     counts = [int(rng.integers(1, 3 if n_groups == 2 else 4)) for _ in pairs]
     # place objects without overlap (rejection sampling on bounding circles); shrink if the image is crowded
-    r = rng.uniform(0.15, 0.24) * min(h, w) * (0.8 if sum(counts) > 2 else 1.0)
+    # radius: objects at least ~1.2 ViT patches across at 56-px tiles / 14-px patches, so shapes are visible
+    r = rng.uniform(0.2, 0.3) * min(h, w) * (0.75 if sum(counts) > 2 else 1.0)
     placed = []  # (cy, cx, r)
     for (s, c), n in zip(pairs, counts):
         colour = np.clip(np.array(list(COLOURS.values())[c]) + rng.integers(-15, 16, size=3), 0, 255)

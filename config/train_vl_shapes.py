@@ -1,0 +1,30 @@
+# MiniMax-VL on the synthetic shapes data (data/shapes/): a small hybrid MiniMax reads each image through the
+# 56-px-tile ViT ('vit-small-56', dynamic resolution, grids 1x1 .. 3x3) and learns to caption it.
+#     python train.py config/train_vl_shapes.py
+#     python sample.py --out_dir=out-vl-shapes --image=data/shapes/val/00000.png   (after data/shapes/prepare.py)
+#     python bench/vl_eval.py --ckpt=out-vl-shapes/ckpt.pt    # held-out shape+colour accuracy (target >= 90 %)
+# Nothing to prepare: training images are drawn on the fly from (data seed, index); 'val' is a disjoint stream.
+# A row is <image placeholders> "Describe the image: " caption <|endoftext|>, ~80 image + ~45 text tokens; the
+# loss is on the text tokens only.
+# PHASE 2 (train.py integration): the knobs vision, vision_kw, freeze_vision and init_from are new.
+out_dir = "out-vl-shapes"
+dataset = "shapes"                # 'shapes' (synthetic) or a folder with captions.jsonl (vision.CaptionFolder)
+tokenizer = "byte"                # vocab padded to 320: id 319 is the image placeholder
+vision = "vit-small-56"           # vision.VISION_PRESETS name; "" = a text-only run
+vision_kw = ""                    # VisionConfig fields over the preset, e.g. "num_hidden_layers=6"
+freeze_vision = False             # True: train only the projector, newline and the language model
+init_from = ""                    # a text checkpoint (ckpt.pt of a text run) to start the language model from
+model = "tiny"
+model_kw = ("hidden_size=384,num_hidden_layers=6,softmax_every=3,num_attention_heads=6,num_key_value_heads=2,"
+            "head_dim=64,rotary_dim=32,intermediate_size=768,num_local_experts=4,block_size=64,"
+            "max_position_embeddings=512")
+batch_size = 64                   # images per micro-batch
+max_iters = 3000
+warmup_iters = 100
+learning_rate = 1e-3
+min_lr_frac = 0.1
+weight_decay = 0.0
+eval_interval = 500
+eval_iters = 10
+log_interval = 50
+compile = False                   # variable-length rows and Python lists of images: eager mode
