@@ -530,9 +530,17 @@ def summary(res):
         means = {v: np.mean([e["acc"] for e in r["eval"]]) for v, r in res["mqar"]["variants"].items()}
         checks.append("MQAR mean accuracy: " + ", ".join(f"{v} {m:.3f}" for v, m in means.items())
                       + " (paper: lightning clearly below hybrid and softmax)")
+        if max(means.values()) < 0.5:  # chance is 1/512: nobody learned the task, so nothing is compared
+            checks.append("  INCONCLUSIVE: no variant learned MQAR within this budget (best mean accuracy "
+                          f"{max(means.values()):.3f}); train longer (--steps-scale) before reading the comparison")
     if res.get("passkey"):
-        fr = {v: np.mean(r["frac_per_length"]) for v, r in res["passkey"]["variants"].items()}
+        pk = res["passkey"]
+        fr = {v: np.mean(r["frac_per_length"]) for v, r in pk["variants"].items()}
         checks.append("passkey found overall: " + ", ".join(f"{v} {f:.0%}" for v, f in fr.items()))
+        inside = [j for j, T in enumerate(pk["lengths"]) if T <= pk["lm_seq_len"]]
+        if all(r["frac_per_length"][j] == 0 for r in pk["variants"].values() for j in inside):
+            checks.append("  INCONCLUSIVE: no variant finds the passkey even within its training length; the LMs "
+                          "have not learned to copy at this budget")
     if checks:
         lines += ["", "Claim check:"] + [f"  {c}" for c in checks]
     return "\n".join(lines)
