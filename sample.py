@@ -38,6 +38,7 @@ top_k = 200                  # sample among the top_k most likely tokens; 0 = al
 seed = 1337
 device = "auto"              # auto (cuda if available, else cpu) | cpu | cuda | cuda:1
 dtype = "auto"               # auto (bfloat16 autocast on CUDA, float32 elsewhere) | float32 | bfloat16
+cuda_graph = True            # on CUDA, replay each decode step as one CUDA graph (model.StaticDecoder)
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 
@@ -61,9 +62,12 @@ for arg in sys.argv[1:]:
         die(f"don't understand '{arg}': use --key=value with a knob of python sample.py --help")
     kind = type(defaults[key])
     try:
-        globals()[key] = kind(value)  # int("3"), float("0.8"), str(...)
+        if kind is bool and value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError
+        globals()[key] = value.lower() in ("true", "1") if kind is bool else kind(value)  # int("3"), float(..)
     except ValueError:
-        die(f"{arg}: expected {'an int' if kind is int else 'a ' + kind.__name__} (default {defaults[key]!r})")
+        expected = {int: "an int", float: "a float", bool: "true or false", str: "a str"}[kind]
+        die(f"{arg}: expected {expected} (default {defaults[key]!r})")
 
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -77,7 +81,7 @@ if max_new_tokens < 1 or num_samples < 1 or temperature < 0 or top_k < 0:
 # ---- model and tokenizer -------------------------------------------------------------------------------------
 
 from data.tokenizers import StreamDecoder, get_tokenizer  # noqa: E402
-from model import MiniMax, MiniMaxConfig  # noqa: E402
+from model import MiniMax, MiniMaxConfig, StaticDecoder  # noqa: E402
 
 if hf_dir:
     if not tokenizer:
@@ -146,9 +150,10 @@ if len(prompt_ids) + max_new_tokens > T_max:
 def generate_stream(idx, max_new_tokens, temperature, top_k):
     """Yield next-token ids (B, 1) one at a time: model.generate's loop (same sampling, same RNG calls)."""
     cache = model.new_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
-    logits, _ = model(idx, cache=cache)  # prefill: (B, T0, V); fills the KV caches and lightning states
+    # on CUDA, each decode step is one CUDA-graph replay instead of hundreds of small kernel launches
+    decoder = StaticDecoder(model, cache) if cuda_graph and device_type == "cuda" else None
+    logits = model.prefill(idx, cache)  # (B, V) fp32; fills the KV caches and the lightning states
     for i in range(max_new_tokens):
-        logits = logits[:, -1].float()  # (B, V) the distribution of the next token
         if temperature == 0:
             next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1) greedy
         else:
@@ -158,8 +163,8 @@ def generate_stream(idx, max_new_tokens, temperature, top_k):
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             next_id = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
         yield next_id
-        if i < max_new_tokens - 1:
-            logits, _ = model(next_id, cache=cache)  # one token through the cache: (B, 1, V)
+        if i < max_new_tokens - 1:  # one token through the cache -> (B, V) logits of the next one
+            logits = decoder(next_id) if decoder else model(next_id, cache=cache)[0][:, -1].float()
 
 
 print(f"sampling {source} on {device} ({dtype}), tokenizer {tokenizer}", file=sys.stderr, flush=True)

@@ -91,6 +91,9 @@ def die(msg, code=1):
 def parse_knobs(argv):
     """Explicit settings, in command-line order: `x.py` files (plain Python assignments, as nanoGPT's
     configurator) and `--key=value` (`--flag` alone sets a bool knob). Names and types are checked."""
+    def type_name(kind):
+        return {int: "an int", float: "a float", bool: "a bool (true/false)", str: "a str"}[kind]
+
     def check_key(key, where):
         if key not in defaults:
             near = difflib.get_close_matches(key, defaults, n=1)
@@ -111,9 +114,6 @@ def parse_knobs(argv):
                 pass
         die(f"--{key}={s}: expected {type_name(kind)} (default {defaults[key]!r})")
 
-    def type_name(kind):
-        return {int: "an int", float: "a float", bool: "a bool (true/false)", str: "a str"}[kind]
-
     explicit = {}
     for arg in argv:
         if arg.startswith("--"):
@@ -126,7 +126,10 @@ def parse_knobs(argv):
             if not os.path.isfile(arg):
                 die(f"config file {arg} not found")
             ns = {}
-            exec(open(arg).read(), ns)  # a config file is plain Python: `max_iters = 2000`
+            try:
+                exec(open(arg).read(), ns)  # a config file is plain Python: `max_iters = 2000`
+            except Exception as e:
+                die(f"config file {arg} does not run: {type(e).__name__}: {e}")
             for key, value in ns.items():
                 if key.startswith("_") or type(value).__name__ == "module":
                     continue
@@ -176,9 +179,9 @@ if explicit.get("resume", resume):
         print(f"note: resuming with changed knobs {changed}: the continuation is not the exact one any more")
 config.update(explicit)
 config["resume"] = checkpoint is not None
-globals().update(config)
+globals().update(config)  # from here on the knobs are plain globals again, as in the block above
 if not os.path.isabs(data_dir):  # relative to the repo (where data/*/prepare.py write), not to the current dir
-    data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), data_dir)  # from here on the knobs are plain globals again, as in the block above
+    data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), data_dir)
 
 # ---- distributed, device, precision ------------------------------------------------------------------------------
 
@@ -225,7 +228,7 @@ if device_type == "cuda":
 
 # ---- data --------------------------------------------------------------------------------------------------------
 
-from data.tokenizers import dataset_path, get_tokenizer, load_meta  # noqa: E402  (after the knobs, as a step)
+from data.tokenizers import dataset_path, load_meta  # noqa: E402  (imported here, where it is first needed)
 
 if dataset == "stdlib" and not os.path.exists(os.path.join(dataset_path(data_dir, dataset, tokenizer), "meta.json")):
     if ddp_local_rank == 0:  # offline: prepare it on the spot (a few seconds); other ranks wait at the barrier

@@ -263,6 +263,15 @@ def test_nan_loss_stops_and_keeps_checkpoint(data_dir, baseline, tmp_path, capsy
     assert sha(out / "ckpt.pt") == digest
 
 
+def test_default_dataset_is_prepared_on_the_fly(tmp_path, capsys):
+    """`python train.py` on a fresh clone: the stdlib dataset is missing, so train.py prepares it (offline)."""
+    code, out, err = run_inproc("train.py", MODEL + [f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'o'}",
+                                                     "--max_iters=0", "--eval_iters=1", "--seq_len=16"], capsys)
+    assert code == 0, err
+    assert "preparing it now" in out and "val loss" in out
+    assert os.path.exists(tmp_path / "stdlib" / "byte" / "meta.json")
+
+
 def test_parallel_knobs_not_available_yet(capsys):
     code, _, err = run_inproc("train.py", ["--ep=2"], capsys)
     assert code != 0 and "not available yet" in err
@@ -304,6 +313,9 @@ def test_cli(data_dir, tmp_path, capsys):
     cfg.write_text("max_iters = '100'\n")
     code, _, err = run_inproc("train.py", [str(cfg)], capsys)
     assert code != 0 and "should be an int" in err
+    cfg.write_text("max_iters = 100 +\n")
+    code, _, err = run_inproc("train.py", [str(cfg)], capsys)
+    assert code != 0 and "does not run: SyntaxError" in err
     # every shipped config file parses (names and types), stopping at the data check on a missing dataset
     for name in sorted(os.listdir(os.path.join(ROOT, "config"))):
         if name.startswith("train_") and name.endswith(".py") and not name.startswith("train_vl"):
@@ -372,3 +384,22 @@ def test_text_prepare_folder(tmp_path):
     # files 9 and 19 (0-based) are val: "document 9\n" + eot, "document 19\n" + eot
     assert bytes(val[val != 256].astype(np.uint8)) == b"document 9\ndocument 19\n" and (val == 256).sum() == 2
     assert meta["train_tokens"] + meta["val_tokens"] == sum(len(f"document {i}\n") + 1 for i in range(25))
+
+
+def test_sample_from_transformers_directory(tmp_path, capsys):
+    """sample.py --hf_dir: a transformers MiniMaxForCausalLM.save_pretrained directory; the tokenizer must be named."""
+    from transformers import MiniMaxConfig as HFConfig, MiniMaxForCausalLM
+    torch.manual_seed(0)
+    cfg = HFConfig(vocab_size=320, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=2, block_size=16,
+                   layer_types=["linear_attention", "full_attention"], max_position_embeddings=128,
+                   eos_token_id=None, pad_token_id=0, bos_token_id=None)
+    MiniMaxForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    code, _, err = run_inproc("sample.py", [f"--hf_dir={tmp_path / 'hf'}"], capsys)
+    assert code != 0 and "needs --tokenizer" in err
+    code, out, _ = run_inproc("sample.py", [f"--hf_dir={tmp_path / 'hf'}", "--tokenizer=byte", "--num_samples=1",
+                                            "--max_new_tokens=8", "--prompt=hi"], capsys)
+    assert code == 0 and "sample 1/1" in out and "8 tokens" in out and "tokens/s" in out
+    code, _, err = run_inproc("sample.py", [f"--hf_dir={tmp_path / 'hf'}", "--tokenizer=byte",
+                                            "--max_new_tokens=1000"], capsys)
+    assert code != 0 and "max_position_embeddings (128)" in err
