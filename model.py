@@ -246,12 +246,17 @@ class SoftmaxAttention(nn.Module):
         B, G = q.shape[0], self.n_head // self.n_kv_head
         cache["k"].index_copy_(2, pos.view(1), k.to(cache["k"].dtype))  # write slot pos in place
         cache["v"].index_copy_(2, pos.view(1), v.to(cache["v"].dtype))
-        keys_seen = (torch.arange(cache["k"].shape[2], device=q.device) <= pos).view(1, 1, 1, -1)  # (.., max_len)
-        # GQA without copies: the G query heads of one KV head become G query rows of that head
-        qg = q.view(B, self.n_kv_head, G, self.head_dim)  # head h = kv * G + g, as enable_gqa pairs them
-        y = F.scaled_dot_product_attention(qg, cache["k"].to(q.dtype), cache["v"].to(q.dtype),
-                                           attn_mask=keys_seen)  # (B, Hkv, G, Dh)
-        return y.view(B, self.n_head, 1, self.head_dim)
+        keys_seen = torch.arange(cache["k"].shape[2], device=q.device) <= pos  # (max_len,) bool
+        # Plain matmuls in fp32, not SDPA: for one query SDPA parallelises over heads and queries (16 here), not
+        # over keys, so at 64k its step took 1 ms longer than at 1k (H200); cuBLAS spreads the keys over the GPU.
+        # fp32 operands keep the scores as exact as flash attention's fp32 accumulation (bf16 values are exact
+        # in fp32 and in TF32).
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        qg = q.view(B, self.n_kv_head, G, self.head_dim).to(acc)  # GQA: head h = kv * G + g (enable_gqa's order)
+        scores = qg @ cache["k"].to(acc).transpose(-1, -2) * self.head_dim ** -0.5  # (B, Hkv, G, max_len)
+        scores = scores.masked_fill(~keys_seen, float("-inf"))  # slots not written yet
+        y = scores.softmax(dim=-1) @ cache["v"].to(acc)  # (B, Hkv, G, Dh)
+        return y.to(q.dtype).view(B, self.n_head, 1, self.head_dim)
 
 
 class LightningAttention(nn.Module):
