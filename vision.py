@@ -86,13 +86,13 @@ class VisionConfig:
 
 
 VISION_PRESETS = {
-    # MiniMax-VL-01's ViT-L/14 at 336 px: 303M parameters, 576 patches per tile
+    # MiniMax-VL-01's ViT-L/14 at 336 px: 303.5M parameters, 576 patches per tile
     "vit-l-14-336": dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
                          num_hidden_layers=24, num_attention_heads=16),
-    # CPU tests: 28-px tiles of 7-px patches (16 patches per tile), ~25k parameters
+    # CPU tests: 28-px tiles of 7-px patches (16 patches per tile), 22k parameters
     "vit-tiny-28": dict(image_size=28, patch_size=7, hidden_size=32, intermediate_size=64,
                         num_hidden_layers=2, num_attention_heads=2),
-    # the synthetic-shapes run: 56-px tiles of 14-px patches (16 per tile), ~3.2M parameters
+    # the synthetic-shapes run: 56-px tiles of 14-px patches (16 per tile), 3.3M parameters
     "vit-small-56": dict(image_size=56, patch_size=14, hidden_size=256, intermediate_size=1024,
                          num_hidden_layers=4, num_attention_heads=4),
 }
@@ -431,6 +431,8 @@ class MiniMaxVL(nn.Module):
         The prompt, image features included, is embedded once and prefilled into the text model's cache (KV for
         softmax layers, a fixed-size state for lightning layers); then one token per step from the cache.
         use_cache=False is the slow twin: every step re-runs the text model over the whole embedded sequence."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         lm = self.language_model
         x = self.embed(idx, images)  # (B, T, D)
         cache = lm.new_cache(idx.shape[0], idx.shape[1] + max_new_tokens) if use_cache else None
