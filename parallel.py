@@ -1,9 +1,10 @@
 """
 Parallel training for nanoMiniMax: data parallel (DP), expert parallel (EP) and LASP+ sequence parallel (SP).
 
-The model files have no collectives. This file takes an already-built MiniMax and patches one method on
-existing module instances (MoE.run_experts, MoE.global_counts, the attention layers' `attend`), so the layer
-math stays in model.py / moe.py / lightning_attn.py and everything distributed is read here, top to bottom:
+The model files have no collectives. This file takes an already-built MiniMax and replaces one method on
+existing module instances (MoE.run_experts and MoE.global_counts, moe.py's seams; the attention layers'
+forward, whose projections it restates around the distributed core, so tests/test_parallel.py compares every
+layout against model.py itself). Everything distributed is read here, top to bottom:
 
     init_distributed(ep, sp)          torchrun env -> Layout (rank grid + process groups), fails fast on bad sizes
     apply_expert_parallel(model, L)   keep E/ep experts per rank; all-to-all tokens to the rank owning the expert
@@ -365,6 +366,9 @@ def _sp_softmax_forward(attn, model, layout, x, cos, sin, cache=None, pos=0):
         raise ValueError("parallel: sequence parallelism is for training/eval forwards; generate on one rank")
     B, T, _ = x.shape
     H, Hkv, Dh, r = attn.n_head, attn.n_kv_head, attn.head_dim, layout.sp_rank
+    if layout.sp * T > model.config.max_position_embeddings:  # the model only checks the local slice length
+        raise ValueError(f"parallel: sequence of {layout.sp} x {T} tokens is longer than max_position_embeddings="
+                         f"{model.config.max_position_embeddings}")
     positions = torch.arange(r * T, (r + 1) * T, device=x.device)  # global positions of my slice
     cos, sin = rope_cos_sin(positions, model.inv_freq)  # replaces the (0 .. T-1) cos/sin computed by the model
     q = attn.q_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
