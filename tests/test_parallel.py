@@ -167,6 +167,23 @@ def _ep_worker(rank, world, tmpdir):
     with pytest.raises(ValueError, match=f"world size {world} is not divisible by ep=3"):
         init(tmpdir, ep=3)
     layout = init(tmpdir, ep=world)
+    # the two differentiable collectives on their own. all_gather: the gradient of rank q's copy is the sum of
+    # every rank's gradient for slice q, also when the incoming gradient is a permuted (non-contiguous) view
+    W = torch.randn(world, world, 3, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x = torch.full((2, 3), float(rank), dtype=torch.float64, requires_grad=True)
+    gathered = parallel.all_gather(x, layout.ep_group)  # (R, 2, 3)
+    (gathered.transpose(1, 2) * W[rank]).sum().backward()  # the gradient reaching `gathered` is a permuted view
+    assert torch.equal(gathered[:, 0, 0], torch.arange(world, dtype=torch.float64)), "all_gather forward"
+    assert torch.equal(x.grad, W[:, rank].sum(0).t()), "all_gather backward"
+    # all_to_all with uneven and empty splits, there and back == identity, gradient too (Megatron's test idea)
+    in_splits = [(rank + q) % 3 for q in range(world)]  # rows I send to rank q: 0, 1 or 2
+    out_splits = [(q + rank) % 3 for q in range(world)]  # rows rank q sends me
+    x = torch.randn(sum(in_splits), 4, dtype=torch.float64, requires_grad=True)
+    y = parallel.all_to_all(x, out_splits, in_splits, layout.ep_group)
+    back = parallel.all_to_all(y * 2, in_splits, out_splits, layout.ep_group)
+    back.backward(torch.ones_like(back))
+    assert torch.equal(back, 2 * x) and torch.equal(x.grad, torch.full_like(x, 2.0)), "all_to_all round trip"
+
     E = 2 * world  # two experts per rank
     with pytest.raises(ValueError, match=f"num_experts=3 is not divisible by ep={world}"):
         parallel.apply_expert_parallel(MoE(16, 24, 3), layout)
