@@ -11,6 +11,7 @@ Rows:
   ours graph        StaticDecoder: the same step captured once in a CUDA graph, one replay per token
                     (softmax layers attend over the whole preallocated cache under a mask: fixed shapes)
   ours graph+compile  decode_step compiled by torch.compile (fused elementwise kernels), then captured
+                    (--compile; at the shortest and longest prompt only: each cache size compiles anew)
   hf Llama / hf MiniMax  model.generate(do_sample=False), their default DynamicCache; ms/token =
                     (time(n tokens) - time(1 token)) / (n - 1), prefill = time(1 token)
 ms/token of ours is the median-free mean over n - 2 timed steps (CUDA events), after the first step (warm-up /
@@ -93,12 +94,55 @@ def hf_decode(model, prompt, n, device, max_prefill_s=90):
     return t1, None, (tn - t1) / (n - 1), None
 
 
+def launch_cost_us(device, n=2000):
+    """Host time per launch of a tiny kernel, queued without syncs (what the CPU side of eager decoding costs)."""
+    x = torch.zeros(1, device=device)
+    for _ in range(100):
+        x.add_(1)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        x.add_(1)
+    t = time.perf_counter() - t0
+    sync(device)
+    return t / n * 1e6
+
+
+def profile_decode_step(model, prompt, device):
+    """Kernels of one static decode step (run eagerly, no graph): count and GPU time by kernel class."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from train_bench import kernel_class
+
+    cache = model.new_cache(1, prompt.shape[1] + 8)
+    decoder = StaticDecoder(model, cache)
+    decoder.use_graph = False  # the same step, launched from Python, so each kernel shows
+    nid = model.prefill(prompt, cache).argmax(-1, keepdim=True)
+    for _ in range(3):
+        nid = decoder(nid).argmax(-1, keepdim=True)
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decoder(nid)
+        sync(device)
+    per_class, count = {}, 0
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            count += 1
+            cls = kernel_class(e.name)
+            per_class[cls] = per_class.get(cls, 0.0) + e.time_range.elapsed_us()
+    total = sum(per_class.values())
+    print(f"decode step profile (prompt {prompt.shape[1]}): {count} kernels, {total:.0f} us of kernel time")
+    for cls, us in sorted(per_class.items(), key=lambda kv: -kv[1]):
+        print(f"  {cls:<28} {us:8.1f} us")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", default="1024,16384,65536")
     parser.add_argument("--new", type=int, default=64, help="new tokens for ours (transformers: --hf-new)")
     parser.add_argument("--hf-new", type=int, default=24)
-    parser.add_argument("--compile", action="store_true", help="add the graph+compile row (1k prompt only)")
+    parser.add_argument("--compile", action="store_true", help="add the graph+compile row (first, last prompt)")
+    parser.add_argument("--profile", action="store_true", help="GPU time by kernel class of one decode step")
     parser.add_argument("--skip", default="", help="comma-separated row-name substrings to leave out")
     parser.add_argument("--mem-cap-gib", type=float, default=79.0)
     parser.add_argument("--budget", type=float, default=300, help="seconds; rows after this are skipped")
@@ -122,14 +166,20 @@ def main():
         if total_gib > args.mem_cap_gib + 1:
             torch.cuda.set_per_process_memory_fraction(args.mem_cap_gib / total_gib)
             print(f"memory capped at {args.mem_cap_gib} GiB")
+        print(f"CUDA_LAUNCH_BLOCKING={os.environ.get('CUDA_LAUNCH_BLOCKING')}, host launch cost "
+              f"{launch_cost_us(device):.1f} us per tiny kernel (eager decoding pays this ~600 times a token)")
 
-    builders = [("ours eager", lambda: build_ours(cfg, device, dtype), "eager"),
-                ("ours graph", None, "graph")]
-    if args.compile and device.type == "cuda":
-        builders.append(("ours graph+compile", None, "compile"))
+    def ours():  # the same weights every time, so the compiled row's tokens compare with the eager row's
+        torch.manual_seed(1)
+        return build_ours(cfg, device, dtype)
+
+    builders = [("ours eager", ours, "eager"),
+                ("ours graph", None, "graph")]  # None: the same model as the row above
     if hf_version is not None:
         builders += [("hf Llama (SDPA)", lambda: build_llama(cfg, device, dtype), "hf"),
                      ("hf MiniMax (SDPA)", lambda: build_hf_minimax(cfg, device, dtype), "hf")]
+    if args.compile and device.type == "cuda":  # last: compiling costs a minute or two
+        builders.append(("ours graph+compile", ours, "compile"))
     builders = [b for b in builders if not any(s and s in b[0] for s in args.skip.split(","))]
 
     print("| row                  | prompt | prefill ms | first ms | ms/token | same tokens |")
@@ -152,7 +202,7 @@ def main():
         if kind == "compile":
             model.decode_step = torch.compile(model.decode_step, dynamic=False)
         for T0 in prompts:
-            if kind == "compile" and T0 != prompts[0]:
+            if kind == "compile" and T0 not in (prompts[0], prompts[-1]):
                 continue
             if time.perf_counter() - START > args.budget:
                 print(f"| {name:<20} | {T0:>6} | skipped (time budget) |", flush=True)
@@ -182,6 +232,9 @@ def main():
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    if args.profile and device.type == "cuda":
+        profile_decode_step(build_ours(cfg, device, dtype).eval(), prompt_ids[prompts[0]], device)
 
     print("\nconstant time? ms/token at the longest prompt / at the shortest:")
     for name, _, _ in builders:

@@ -10,6 +10,7 @@ x 64, 4 KV heads, 16 experts top-2 of hidden 1536), random tokens, weights in bf
   ours                 model.py, eager; loss by the chunked lm_head + cross-entropy (forward(logits=False))
   ours, plain CE       the same with full (B, T, V) logits and F.cross_entropy (the simple twin)
   ours, ckpt n         + activation checkpointing of the first n blocks (model.checkpoint_layers = n)
+  ours, F.rms_norm     eager with every RMSNorm swapped for torch's F.rms_norm (a probe for a fused norm)
   ours, compiled       each block torch.compile'd (Block.compile()), loss as 'ours'
   hf MiniMax           transformers' MiniMaxForCausalLM, same config, attn_implementation='sdpa'
   hf Llama             transformers' LlamaForCausalLM: same width, depth, heads (16 x 64, 4 KV), MLP hidden 3072
@@ -118,6 +119,22 @@ def hf_flops_per_token(model, cfg, T, dense_llama):
 # one measured row
 
 
+def compile_blocks(model):
+    """torch.compile each block (the model's loop, loss and embedding stay eager). Blocks of one kind share
+    the compiled code (parameters are graph inputs), so 8 blocks compile twice: lightning and softmax."""
+    for block in model.layers:
+        block.compile()
+
+
+def fused_rms_norm(model):
+    """Swap every RMSNorm's forward for F.rms_norm on the input dtype (fp32 math inside the kernel)."""
+    from model import RMSNorm
+
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.forward = lambda x, m=m: torch.nn.functional.rms_norm(x, (x.shape[-1],), m.weight.to(x.dtype), m.eps)
+
+
 def free_memory():
     gc.collect()
     if torch.cuda.is_available():
@@ -191,7 +208,10 @@ def count_host_syncs(step, device):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    return sum("synchroniz" in str(w.message) for w in caught)
+    found = [w for w in caught if "synchroniz" in str(w.message)]
+    for w in found:
+        print(f"  host sync at {w.filename}:{w.lineno}: {str(w.message)[:100]}")
+    return len(found)
 
 
 def run_row(rows, name, B, T, build, kind, flops_fn, device, args, setup=None, optimizer=None, autocast=False,
@@ -300,7 +320,6 @@ def main():
     parser.add_argument("--shapes", default="4x4096,1x16384,1x65536", help="comma-separated BxT")
     parser.add_argument("--skip", default="", help="comma-separated row-name substrings to leave out")
     parser.add_argument("--profile", action="store_true", help="kernel-time profile of ours at the first shape")
-    parser.add_argument("--compile-all", action="store_true", help="the compiled row at every shape (else first)")
     parser.add_argument("--mem-cap-gib", type=float, default=79.0, help="cap on cards with more memory (H200)")
     parser.add_argument("--budget", type=float, default=420, help="seconds; rows after this are skipped")
     parser.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for the log and profiles")
@@ -334,6 +353,9 @@ def main():
             torch.cuda.set_per_process_memory_fraction(args.mem_cap_gib / total_gib)
             print(f"memory capped at {args.mem_cap_gib} GiB (an H100 80GB's usable memory) so OOM rows compare")
         torch.backends.cuda.matmul.allow_tf32 = True
+    torch._dynamo.config.cache_size_limit = 64  # many variants compile the same Block.forward
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 64
     with torch.device("meta"):
         meta = MiniMax(cfg)
     print(f"config: {cfg.num_hidden_layers} layers {cfg.layer_types.count('full_attention')} softmax, "
@@ -361,15 +383,20 @@ def main():
             run_row(rows, "ours", B, T, ours, "ours", ours_flops, device, args, syncs=(i == 0))
         if i == 0 and want("plain CE"):
             run_row(rows, "ours, plain CE", B, T, ours, "ours_plain", ours_flops, device, args)
+        if i == 0 and want("rms_norm"):
+            run_row(rows, "ours, F.rms_norm", B, T, ours, "ours", ours_flops, device, args, setup=fused_rms_norm)
         for n in ((cfg.num_hidden_layers // 2, cfg.num_hidden_layers) if long_ctx else ()):
             if want("ckpt"):
                 run_row(rows, f"ours, ckpt {n}", B, T, ours, "ours", ours_flops, device, args,
                         setup=lambda m, n=n: setattr(m, "checkpoint_layers", n))
-        if device.type == "cuda" and want("compiled") and (i == 0 or args.compile_all):
-            def compiled(m):
-                for block in m.layers:
-                    block.compile()
-            run_row(rows, "ours, compiled blocks", B, T, ours, "ours", ours_flops, device, args, setup=compiled)
+        if device.type == "cuda" and want("compiled"):
+            run_row(rows, "ours, compiled", B, T, ours, "ours", ours_flops, device, args, setup=compile_blocks)
+            if long_ctx:
+                def compiled_ckpt(m, n=cfg.num_hidden_layers // 2):
+                    compile_blocks(m)
+                    m.checkpoint_layers = n
+                run_row(rows, f"ours, compiled, ckpt {cfg.num_hidden_layers // 2}", B, T, ours, "ours",
+                        ours_flops, device, args, setup=compiled_ckpt)
         if hf_version is not None:
             if want("Llama"):
                 run_row(rows, "hf Llama (dense, SDPA)", B, T, lambda: build_llama(cfg, device, dtype), "hf",
@@ -384,6 +411,12 @@ def main():
             run_row(rows, "ours, full step AdamW fp32+autocast", B, T, lambda: build_ours(cfg, device,
                     torch.float32), "ours", ours_flops, device, args, optimizer=adamw,
                     autocast=device.type == "cuda")
+            if device.type == "cuda" and want("compiled"):
+                run_row(rows, "ours, compiled, full step bf16", B, T, ours, "ours", ours_flops, device, args,
+                        setup=compile_blocks, optimizer=adamw)
+                run_row(rows, "ours, compiled, full step fp32+autocast", B, T, lambda: build_ours(
+                        cfg, device, torch.float32), "ours", ours_flops, device, args, setup=compile_blocks,
+                        optimizer=adamw, autocast=True)
         if i == 0 and args.profile and device.type == "cuda":
             try:
                 m = ours()
@@ -392,10 +425,15 @@ def main():
             except Exception as e:  # noqa: BLE001
                 print(f"profile failed: {type(e).__name__}: {e}")
             free_memory()
-            if T >= 4096 and hf_version is not None:
+            for tag, build, kind, setup in [("ours_compiled", ours, "ours", compile_blocks),
+                                            ("llama", lambda: build_llama(cfg, device, dtype), "hf", None)]:
+                if not want(tag) or (kind == "hf" and hf_version is None):
+                    continue
                 try:
-                    m = build_llama(cfg, device, dtype)
-                    profile_step(make_step(m, "hf", B, T, args.vocab, device), device, args.out, f"llama_{B}x{T}")
+                    m = build()
+                    if setup is not None:
+                        setup(m)
+                    profile_step(make_step(m, kind, B, T, args.vocab, device), device, args.out, f"{tag}_{B}x{T}")
                     del m
                 except Exception as e:  # noqa: BLE001
                     print(f"profile failed: {type(e).__name__}: {e}")
