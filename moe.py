@@ -162,7 +162,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_sorted_ND, weights_TK, dest_N, order_N):
         T, K = weights_TK.shape
-        y_TKD = y_sorted_ND.index_select(0, dest_N).view(T, K, -1)  # (T, K, D) slot order
+        y_TKD = y_sorted_ND.index_select(0, dest_N).view(T, K, y_sorted_ND.shape[-1])  # (T, K, D) slot order
         w_TK1 = weights_TK.to(y_TKD.dtype).unsqueeze(-1)  # (T, K, 1) gates in the activation dtype
         out_TD = y_TKD[:, 0] * w_TK1[:, 0]  # (T, D)
         for k in range(1, K):

@@ -307,3 +307,13 @@ def test_bad_config(kw):
 def test_bad_input():
     with pytest.raises(ValueError, match="hidden_size"):
         make(4, 2)(torch.randn(3, 5, dtype=torch.float64))
+
+
+def test_zero_tokens():
+    # A rank can receive an empty micro-batch slice (e.g. under expert parallelism): shapes must still work.
+    m = make(4, 2)
+    x = torch.randn(0, 8, dtype=torch.float64, requires_grad=True)
+    y, aux = m(x)
+    assert y.shape == (0, 8)
+    y.backward(torch.randn_like(y))
+    assert x.grad.shape == (0, 8)
