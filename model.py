@@ -160,7 +160,13 @@ PRESETS = {
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and returned in x's dtype."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, returned in x's dtype.
+
+    torch's F.rms_norm: on CUDA one fused kernel each way with fp32 accumulation. The spelled-out formula
+    (rms_norm_reference, the twin in tests/test_speed_paths.py) launches ~7 kernels and keeps fp32 copies of x
+    for the backward: the largest item of an eager training step (bench/NOTES_speed.md). When x and the weight
+    differ in dtype, both go to fp32 first.
+    """
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -168,9 +174,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        if x.dtype == self.weight.dtype:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def rms_norm_reference(x, weight, eps):
+    """RMSNorm spelled out: fp32 math (fp64 for fp64 input), one rounding to x's dtype at the end."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x32 = x.to(acc)
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.to(acc)).to(x.dtype)
 
 
 def rope_cos_sin(positions, inv_freq):
@@ -195,6 +209,9 @@ def apply_rotary(x, cos, sin):
 
 # -----------------------------------------------------------------------------
 # the two attention kinds
+
+
+KV_CHUNK = 256  # KV-cache slots per chunk in the static decode step (the cache is allocated in whole chunks)
 
 
 class SoftmaxAttention(nn.Module):
@@ -246,17 +263,23 @@ class SoftmaxAttention(nn.Module):
         B, G = q.shape[0], self.n_head // self.n_kv_head
         cache["k"].index_copy_(2, pos.view(1), k.to(cache["k"].dtype))  # write slot pos in place
         cache["v"].index_copy_(2, pos.view(1), v.to(cache["v"].dtype))
-        keys_seen = torch.arange(cache["k"].shape[2], device=q.device) <= pos  # (max_len,) bool
-        # Plain matmuls in fp32, not SDPA: for one query SDPA parallelises over heads and queries (16 here), not
-        # over keys, so at 64k its step took 1 ms longer than at 1k (H200); cuBLAS spreads the keys over the GPU.
-        # fp32 operands keep the scores as exact as flash attention's fp32 accumulation (bf16 values are exact
-        # in fp32 and in TF32).
+        # Flash-decoding with torch ops. One query per head gives SDPA (or one matmul over all keys) only
+        # 16 rows of work, so a 64k cache ran on a handful of SMs (+1 to +2 ms per token on an H200). Here the
+        # keys go in chunks of KV_CHUNK: one batched matmul scores every chunk in parallel, one max and one sum
+        # over all chunks make the softmax exact. fp32 operands: scores as exact as flash attention's fp32
+        # accumulation (bf16 values are exact in fp32 and TF32).
+        L, Hkv, Dh = cache["k"].shape[2], self.n_kv_head, self.head_dim
+        C = KV_CHUNK if L % KV_CHUNK == 0 else L  # new_cache allocates multiples of KV_CHUNK
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        qg = q.view(B, self.n_kv_head, G, self.head_dim).to(acc)  # GQA: head h = kv * G + g (enable_gqa's order)
-        scores = qg @ cache["k"].to(acc).transpose(-1, -2) * self.head_dim ** -0.5  # (B, Hkv, G, max_len)
-        scores = scores.masked_fill(~keys_seen, float("-inf"))  # slots not written yet
-        y = scores.softmax(dim=-1) @ cache["v"].to(acc)  # (B, Hkv, G, Dh)
-        return y.to(q.dtype).view(B, self.n_head, 1, self.head_dim)
+        q_g = q.view(B, Hkv, 1, G, Dh).to(acc)  # GQA: head h = kv * G + g (enable_gqa's order)
+        k_c = cache["k"].view(B, Hkv, L // C, C, Dh).to(acc)  # (B, Hkv, S, C, Dh), S = L / C chunks
+        v_c = cache["v"].view(B, Hkv, L // C, C, Dh).to(acc)
+        scores = q_g @ k_c.transpose(-1, -2) * Dh ** -0.5  # (B, Hkv, S, G, C)
+        seen = (torch.arange(L, device=q.device) <= pos).view(L // C, 1, C)  # slots written so far
+        scores = scores.masked_fill(~seen, float("-inf"))
+        p = torch.exp(scores - scores.amax(dim=(2, 4), keepdim=True))  # max over ALL keys; slot 0 is always seen
+        y = (p @ v_c).sum(2) / p.sum(dim=(2, 4)).unsqueeze(-1)  # (B, Hkv, G, Dh)
+        return y.to(q.dtype).view(B, self.n_head, 1, Dh)
 
 
 class LightningAttention(nn.Module):
@@ -400,7 +423,8 @@ class Block(nn.Module):
 class Cache:
     """What generation keeps between steps: one dict per layer, allocated once for max_len tokens.
 
-    softmax layer:   {'k': (B, Hkv, max_len, Dh), 'v': (B, Hkv, max_len, Dh)}   filled up to pos
+    softmax layer:   {'k': (B, Hkv, slots, Dh), 'v': (B, Hkv, slots, Dh)}       filled up to pos
+                     (slots = max_len rounded up to whole KV_CHUNKs)
     lightning layer: {'state': (B, H, Dh, Dh) fp32}                              size independent of pos
     pos: tokens already in the cache (the next token's position). Every tensor is written in place, so the
     addresses never change: StaticDecoder captures a decode step on them in a CUDA graph (with the position
@@ -712,7 +736,8 @@ class MiniMax(nn.Module):
                 sdt = torch.float64 if p.dtype == torch.float64 else torch.float32  # fp64 only in fp64 tests
                 layers.append({"state": torch.zeros(batch_size, H, Dh, Dh, device=device, dtype=sdt)})
             else:
-                shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+                slots = -(-max_len // KV_CHUNK) * KV_CHUNK  # whole chunks for attend_static; extra slots unused
+                shape = (batch_size, cfg.num_key_value_heads, slots, cfg.head_dim)
                 layers.append({"k": torch.zeros(shape, device=device, dtype=dtype),
                                "v": torch.zeros(shape, device=device, dtype=dtype)})
         return Cache(layers=layers, max_len=max_len)

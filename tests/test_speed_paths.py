@@ -30,12 +30,13 @@ def rel(a, b):
 # decoding
 
 
-@pytest.mark.parametrize("pattern", ["hybrid", "softmax"])
-def test_static_decode_step_matches_eager_step(pattern):
+@pytest.mark.parametrize("pattern,T0", [("softmax", 29), ("hybrid", 250)])
+def test_static_decode_step_matches_eager_step(pattern, T0):
     """Logits of every static step == the eager cached step's, in fp64 (same math, other kernels: the static
-    softmax layer attends over all max_len slots with a mask instead of slicing; masked slots get weight 0)."""
+    softmax layer attends over all cache slots in KV_CHUNK chunks with a mask instead of slicing; T0 = 250
+    makes the steps cross from the first 256-slot chunk into the second)."""
     model = tiny(torch.float64, seed=1, layer_pattern=pattern).eval()
-    B, T0, steps = 3, 29, 12
+    B, steps = 3, 12
     idx = torch.randint(0, model.config.vocab_size, (B, T0))
     eager, static = model.new_cache(B, T0 + steps + 7), model.new_cache(B, T0 + steps + 7)  # spare masked slots
     logits_e, logits_s = model.prefill(idx, eager), model.prefill(idx, static)
@@ -125,3 +126,31 @@ def test_logits_false_returns_no_logits_and_needs_targets_for_it():
     assert logits is None and loss.ndim == 0
     logits, loss = model(idx, logits=False)  # no targets: logits are what the caller wants, return them
     assert logits.shape == (1, 9, model.config.vocab_size) and loss is None
+
+
+# -----------------------------------------------------------------------------
+# RMSNorm
+
+
+def test_rmsnorm_matches_reference():
+    """RMSNorm (torch's F.rms_norm) == the spelled-out formula: fp64 to rounding, gradients too; bf16 to bf16
+    rounding (the fused kernel may round once more before the weight multiply: <= 2 bf16 ulps, 2^-7)."""
+    from model import RMSNorm, rms_norm_reference
+
+    torch.manual_seed(5)
+    norm = RMSNorm(48, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = (3 * torch.randn(7, 5, 48, dtype=torch.float64)).requires_grad_()
+    y, y_ref = norm(x), rms_norm_reference(x, norm.weight, 1e-5)
+    assert rel(y, y_ref) < 1e-14
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, norm.weight), g)
+    gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, norm.weight), g)
+    assert rel(gx, gx_ref) < 1e-12 and rel(gw, gw_ref) < 1e-12
+    xb = x.detach().bfloat16()
+    for weight_dtype in (torch.bfloat16, torch.float32):  # same dtype (fused path) and mixed (fp32 path)
+        norm.to(weight_dtype)
+        out, ref = norm(xb), rms_norm_reference(xb, norm.weight, 1e-5)
+        assert out.dtype == torch.bfloat16
+        assert ((out.float() - ref.float()).abs() <= 2 ** -7 * ref.float().abs() + 1e-6).all()
