@@ -33,8 +33,8 @@ at the 'gpu' size softmax has 1.9 % fewer total and 5.9 % fewer active parameter
 Budgets (--budget; every number is in BUDGETS below, and printed at the start):
     ci     seconds on a CPU: a 2-layer toy, a handful of steps; proves the plumbing (tests/test_paper_claims.py)
     gpu    one H100, ~6-8 minutes for all three parts (an estimate: it was sized without a GPU; the script
-           prints its measured wall time). Per variant: LM 1000 steps x 16 x 1024 tokens (16.4M tokens, ~1.4
-           epochs of the dataset), MQAR 1000 steps x 32k tokens, passkey 5 lengths x 5 depths x 4 trials.
+           prints its measured wall time). Per variant: LM 800 steps x 16 x 1024 tokens (13.1M tokens, ~1.1
+           epochs of the dataset), MQAR 1200 steps x 32k tokens, passkey 5 lengths x 5 depths x 4 trials.
            Too slow on your card? --steps-scale=0.5, or run the parts as separate commands.
     full   one H100, under an hour (~20-30 min estimated): a wider model, MQAR to 8192 tokens and 256 pairs
 bf16 autocast on CUDA, fp32 on CPU. No torch.compile (its compile time would eat a 10-minute budget).
@@ -89,8 +89,8 @@ BUDGETS = {
         model=dict(hidden_size=256, num_hidden_layers=8, softmax_every=8, num_attention_heads=4,
                    num_key_value_heads=4, head_dim=64, rotary_dim=32, intermediate_size=512, num_local_experts=8,
                    num_experts_per_tok=2, block_size=64),
-        lm=dict(steps=1000, batch_size=16, seq_len=1024, lr=2e-3, eval_every=100, eval_batches=8),
-        mqar=dict(steps=1000, tokens_per_step=32768, lengths=[256, 512, 1024, 2048, 4096], pairs=[16, 64],
+        lm=dict(steps=800, batch_size=16, seq_len=1024, lr=2e-3, eval_every=100, eval_batches=8),
+        mqar=dict(steps=1200, tokens_per_step=32768, lengths=[256, 512, 1024, 2048, 4096], pairs=[16, 64],
                   lr=2e-3, eval_seqs=64),
         passkey=dict(lengths=[256, 512, 1024, 2048, 4096], depths=[0.1, 0.3, 0.5, 0.7, 0.9], trials=4),
     ),
