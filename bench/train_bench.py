@@ -267,7 +267,7 @@ def fmt_row(r):
 def kernel_class(name):
     n = name.lower()
     for cls, keys in [("lightning (Triton)", ("_fwd_kernel", "_bwd_dq", "_bwd_dkdv", "_seg_state", "_seg_scan")),
-                      ("grouped GEMM (experts)", ("grouped", "cutlass3x_sm90_gemm_grouped")),
+                      ("grouped GEMM (experts)", ("grouped", "groupproblemshape")),  # CUTLASS 3 grouped
                       ("flash attention", ("flash", "fmha", "attention")),
                       ("GEMM (dense)", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "ampere_")),
                       ("sort / scan / index", ("sort", "radix", "scan", "index", "gather", "scatter", "cub")),
