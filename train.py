@@ -178,6 +178,9 @@ if explicit.get("resume", resume):
                and not (k == "max_iters" and config["lr_decay_iters"])]
     if changed and os.environ.get("RANK", "0") == "0":
         print(f"note: resuming with changed knobs {changed}: the continuation is not the exact one any more")
+elif os.path.exists(ckpt_path):  # a fresh run would overwrite it at its first save
+    die(f"{ckpt_path} already exists: continue it with --resume, or start a new run with --out_dir=another_dir "
+        f"(or delete {os.path.dirname(ckpt_path)}/ yourself)")
 config.update(explicit)
 config["resume"] = checkpoint is not None
 globals().update(config)  # from here on the knobs are plain globals again, as in the block above
@@ -286,6 +289,9 @@ try:
     model_config = MiniMaxConfig.from_preset(preset, vocab_size=vocab_size, **model_overrides)
 except (ValueError, TypeError, KeyError) as e:
     die(f"preset={preset!r} model_kw={model_kw!r}: {e}")
+if seq_len > model_config.max_position_embeddings:
+    die(f"seq_len={seq_len} is longer than the model's max_position_embeddings={model_config.max_position_embeddings}"
+        f": lower --seq_len or add max_position_embeddings=... to --model_kw")
 with torch.device(device):
     raw_model = MiniMax(model_config)  # the uncompiled, unwrapped module: saved, evaluated, sampled
 if checkpoint is not None:
@@ -383,9 +389,6 @@ if checkpoint is not None:
                 if r["step"] < step or (r["kind"] == "eval" and r["step"] == step):
                     f.write(json.dumps(r) + "\n")
     checkpoint = None  # free the memory
-elif os.path.exists(ckpt_path):
-    die(f"{ckpt_path} already exists: continue it with --resume, or start a new run with --out_dir=another_dir "
-        f"(or delete {out_dir}/ yourself)")
 elif master_process:
     os.makedirs(out_dir, exist_ok=True)
     open(metrics_path, "w").close()

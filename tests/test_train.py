@@ -199,6 +199,8 @@ def test_bad_data(data_dir, tmp_path, capsys):
     assert code != 0 and "python data/shakespeare/prepare.py --tokenizer=byte" in err
     code, _, err = run_inproc("train.py", MODEL + [f"--data_dir={data_dir}", "--seq_len=100000000", out], capsys)
     assert code != 0 and "fewer than seq_len + 1" in err
+    code, _, err = run_inproc("train.py", MODEL + [f"--data_dir={data_dir}", "--seq_len=600", out], capsys)
+    assert code != 0 and "longer than the model's max_position_embeddings=512" in err
     # a damaged dataset: val.bin shorter than meta.json says
     broken = os.path.join(data_dir, "broken", "byte")
     shutil.copytree(os.path.join(data_dir, "stdlib", "byte"), broken)
