@@ -184,6 +184,12 @@ elif os.path.exists(ckpt_path):  # a fresh run would overwrite it at its first s
 config.update(explicit)
 config["resume"] = checkpoint is not None
 globals().update(config)  # from here on the knobs are plain globals again, as in the block above
+for k in ("seq_len", "batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+    if config[k] < 1:
+        die(f"{k}={config[k]}: must be at least 1")
+if max_iters < 0 or learning_rate <= 0 or warmup_iters < 0:
+    die(f"need max_iters >= 0, learning_rate > 0 and warmup_iters >= 0 (got {max_iters}, {learning_rate}, "
+        f"{warmup_iters})")
 if not os.path.isabs(data_dir):  # relative to the repo (where data/*/prepare.py write), not to the current dir
     data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), data_dir)
 

@@ -274,8 +274,8 @@ def test_default_dataset_is_prepared_on_the_fly(tmp_path, capsys):
     assert os.path.exists(tmp_path / "stdlib" / "byte" / "meta.json")
 
 
-def test_parallel_knobs_not_available_yet(capsys):
-    code, _, err = run_inproc("train.py", ["--ep=2"], capsys)
+def test_parallel_knobs_not_available_yet(tmp_path, capsys):
+    code, _, err = run_inproc("train.py", ["--ep=2", f"--out_dir={tmp_path}"], capsys)
     assert code != 0 and "not available yet" in err
 
 
@@ -296,8 +296,9 @@ def test_cli(data_dir, tmp_path, capsys):
         (["--max_iters"], "needs a value"),
         (["max_iters=3"], "don't understand argument"),
         (["config/nope.py"], "config file config/nope.py not found"),
+        (["--batch_size=0"], "batch_size=0: must be at least 1"),
     ]:
-        code, _, err = run_inproc("train.py", args, capsys)
+        code, _, err = run_inproc("train.py", args + [f"--out_dir={tmp_path / 'o'}"], capsys)
         assert code != 0 and msg in err, (args, err)
     code, _, err = run_inproc("sample.py", ["--temperature=hot"], capsys)
     assert code != 0 and "expected a float" in err
