@@ -14,7 +14,7 @@ vision = "vit-small-56"           # vision.VISION_PRESETS name; "" = a text-only
 vision_kw = ""                    # VisionConfig fields over the preset, e.g. "num_hidden_layers=6"
 freeze_vision = False             # True: train only the projector, newline and the language model
 init_from = ""                    # a text checkpoint (ckpt.pt of a text run) to start the language model from
-model = "tiny"
+preset = "tiny"
 model_kw = ("hidden_size=384,num_hidden_layers=6,softmax_every=3,num_attention_heads=6,num_key_value_heads=2,"
             "head_dim=64,rotary_dim=32,intermediate_size=768,num_local_experts=4,block_size=64,"
             "max_position_embeddings=512")
