@@ -1,7 +1,7 @@
 """
 Train a MiniMax model (hybrid lightning/softmax attention + MoE, model.py) on a prepared token dataset.
 
-    python train.py                                   # tiny model on the stdlib source, ~4 min on 2 CPU cores
+    python train.py                                   # tiny model on the stdlib source, a few minutes on 2 CPU cores
     python train.py config/train_small.py             # 'small' preset, ~10 min on one H100
     python train.py --max_iters=2000 --batch_size=8   # any knob below, as --key=value
     python train.py --resume                          # continue out_dir/ckpt.pt exactly where it stopped
@@ -54,8 +54,7 @@ batch_size = 16              # sequences per micro-batch, per process
 gradient_accumulation_steps = 1   # micro-batches per optimizer step, over all processes (global batch / batch_size)
 # model
 preset = "tiny"              # model size, one of model.PRESETS: tiny | small | bench | minimax-text-01
-model_kw = "hidden_size=128"  # MiniMaxConfig fields over the preset, e.g. "num_hidden_layers=2,hidden_size=64";
-                             # the CPU default widens tiny 64 -> 128: better samples for ~1.5x the time
+model_kw = ""                # MiniMaxConfig fields over the preset, e.g. "hidden_size=128,num_hidden_layers=2"
 # optimizer: AdamW, linear warmup then cosine decay to min_lr_frac * learning_rate
 learning_rate = 3e-3
 max_iters = 600              # optimizer steps in total
