@@ -399,7 +399,7 @@ elif master_process:
     open(metrics_path, "w").close()
 start_step = step
 n_params = sum(p.numel() for p in raw_model.parameters())
-print0(f"model {preset} {model_kw}: {n_params / 1e6:.2f}M parameters, {model_config.num_hidden_layers} layers "
+print0(f"model {preset}{' ' + model_kw if model_kw else ''}: {n_params / 1e6:.2f}M parameters, {model_config.num_hidden_layers} layers "
        f"({''.join('S' if t == 'full_attention' else 'L' for t in model_config.layer_types)}), "
        f"{model_config.num_local_experts} experts top-{model_config.num_experts_per_tok}")
 print0(f"data {dataset}/{tokenizer}: {meta['train_tokens']:,} train tokens; {tokens_per_step:,} tokens per step "
