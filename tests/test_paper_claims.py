@@ -175,6 +175,8 @@ def test_ci_budget_end_to_end(tmp_path):
     L = spec["model"]["num_hidden_layers"]
     assert p["lightning"]["total"] - p["softmax"]["total"] == L * (D * inner + inner)
     assert res["card"] and res["wall_time_s"]["total"] > 0 and res["budget_spec"] == spec
+    # 6 steps teach nobody MQAR: the summary must say so rather than read a comparison into zeros
+    assert "INCONCLUSIVE: no variant learned MQAR" in pc.summary(res)
     for name in ("lm_loss.svg", "mqar_acc.svg", "passkey.svg"):
         root = ET.parse(out / name).getroot()  # well-formed XML
         assert root.tag.endswith("svg") and len(root) > 10
