@@ -468,9 +468,10 @@ def vl_from_checkpoint(ckpt, device="cpu"):
     from model import MiniMax, MiniMaxConfig
     if "vision_config" not in ckpt:
         raise ValueError("this checkpoint has no 'vision_config': it is a text-only model, not a MiniMax-VL one")
-    with torch.device(device):
+    with torch.device("meta"):  # no memory, no init work: every weight is overwritten by the load
         m = MiniMaxVL(MiniMax(MiniMaxConfig(**ckpt["model_config"])), VisionConfig(**ckpt["vision_config"]))
-    m.load_state_dict(ckpt["model"])
+    m.to_empty(device=device)  # allocate (MiniMax recomputes its constant buffers here)
+    m.load_state_dict(ckpt["model"], strict=True)
     return m
 
 
@@ -568,9 +569,11 @@ def load_image(path):
 
 class CaptionFolder:
     """A folder of images with captions.jsonl: one JSON object per line, {"image": "relative/path.png",
-    "caption": "..."}. Items are (image (3, h, w) uint8, caption), decoded on access."""
+    "caption": "..."}. Items are (image (3, h, w) uint8, caption), decoded on access.
+    split: None = every line; 'val' = every 10th line (lines 10, 20, ... of the file, blank lines not counted)
+    and 'train' = the others, the same rule as data/text/prepare.py (train.py trains and evaluates on these)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, split=None):
         path = os.path.join(folder, "captions.jsonl")
         if not os.path.isfile(path):
             raise ValueError(f"{folder} has no captions.jsonl (one line per image: "
@@ -585,8 +588,13 @@ class CaptionFolder:
                     self.items.append((os.path.join(folder, d["image"]), str(d["caption"])))
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise ValueError(f"{path} line {n} is not a JSON object with 'image' and 'caption' ({e})")
+        if split is not None:
+            if split not in ("train", "val"):
+                raise ValueError(f"split must be None, 'train' or 'val', got {split!r}")
+            self.items = [it for k, it in enumerate(self.items) if (k % 10 == 9) == (split == "val")]
         if not self.items:
-            raise ValueError(f"{path} lists no images")
+            raise ValueError(f"{path} lists no images" + (f" for the '{split}' split (every 10th line is "
+                                                          f"'val')" if split else ""))
 
     def __len__(self):
         return len(self.items)

@@ -401,6 +401,14 @@ def test_caption_folder(tmp_path):
     assert len(folder) == 2 and cap_a == "grey" and cap_b == "dark"
     assert img_a.shape == (3, 30, 50) and img_a.dtype == torch.uint8 and int(img_a[0, 0, 0]) == 200
     assert img_b.shape == (3, 20, 20)
+    # train.py's splits: every 10th line is 'val' (lines 10 and 20 of 25), the rest 'train'
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps({"image": "a.png", "caption": f"c{k}"}) + "\n"
+                                                     for k in range(1, 26)))
+    assert [c for _, c in vision.CaptionFolder(str(tmp_path), "val").items] == ["c10", "c20"]
+    assert len(vision.CaptionFolder(str(tmp_path), "train")) == 23
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"image": "a.png", "caption": "only"}) + "\n")
+    with pytest.raises(ValueError, match="for the 'val' split"):
+        vision.CaptionFolder(str(tmp_path), "val")
     (tmp_path / "captions.jsonl").write_text('{"image": "a.png"}\n')
     with pytest.raises(ValueError, match="line 1"):
         vision.CaptionFolder(str(tmp_path))
