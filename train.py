@@ -7,6 +7,8 @@ Train a MiniMax model (hybrid lightning/softmax attention + MoE, model.py) on a 
     python train.py --resume                          # continue out_dir/ckpt.pt exactly where it stopped
     torchrun --standalone --nproc_per_node=8 train.py config/train_small.py     # DDP, NCCL on GPUs
     torchrun --standalone --nproc_per_node=2 train.py                           # DDP, gloo on CPU
+    torchrun --standalone --nproc_per_node=2 train.py --ep=2    # expert parallel: 2 of the 4 experts per rank
+    torchrun --standalone --nproc_per_node=2 train.py --sp=2    # sequence parallel: half of every sequence per rank
     python train.py --help                            # the knob block below, with defaults
 
 A straight-line script in the style of nanoGPT's train.py: knobs -> setup -> data -> model -> optimizer -> one
@@ -14,9 +16,11 @@ A straight-line script in the style of nanoGPT's train.py: knobs -> setup -> dat
   * Exact resume. A batch is a pure function of (seed, step, micro-step index); the checkpoint holds the model,
     the optimizer, the step and the RNG states, so a run stopped and resumed produces the same losses as an
     uninterrupted one (bitwise on CPU; tests/test_train.py checks it).
-  * DDP gives the same global batch for any number of processes: global micro-batch g = micro_step * world +
-    rank, g in [0, gradient_accumulation_steps). Gradients are synced once per optimizer step (no_sync on the
-    other micro-steps).
+  * DDP gives the same global batch for any number of processes: global micro-batch g = micro_step * streams +
+    stream, g in [0, gradient_accumulation_steps), where streams = world / sp (the ranks of a sequence-parallel
+    group share their sequences). Gradients are synced once per optimizer step (no_sync on the other
+    micro-steps; with ep or sp > 1 by parallel.sync_gradients after the last one). Checkpoints are unsharded, so
+    a run saved under one ep/sp layout resumes under another, and samples in one process.
   * Nothing saved is lost: checkpoints are written to a temp file and renamed over the old one (atomic on POSIX),
     a fresh run refuses to start over an existing checkpoint, and a NaN/inf loss stops the run before the bad
     update, keeping the last good checkpoint.
@@ -70,9 +74,10 @@ device = "auto"              # auto (cuda if available, else cpu) | cpu | cuda |
 dtype = "auto"               # auto (bfloat16 autocast on CUDA, float32 elsewhere) | float32 | bfloat16
 compile = False              # torch.compile the model (faster on GPU; off if it fails on your platform)
 seed = 1337
-# parallelism beyond DDP (parallel.py): expert- and sequence-parallel group sizes
-ep = 1
-sp = 1
+# parallelism beyond DDP (parallel.py), under torchrun: world size = a multiple of ep and of sp
+ep = 1                       # expert parallel: each rank of a group of ep holds num_local_experts / ep experts
+sp = 1                       # sequence parallel (LASP+): each rank of a group of sp holds seq_len / sp tokens
+global_router = False        # with ep > 1 and a capacity_factor: decide token drop on the EP group's counts
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 
@@ -194,23 +199,25 @@ if not os.path.isabs(data_dir):  # relative to the repo (where data/*/prepare.py
 
 # ---- distributed, device, precision ------------------------------------------------------------------------------
 
-if ep != 1 or sp != 1:
-    die(f"ep={ep}, sp={sp}: expert/sequence parallelism is not available yet (parallel.py); use ep=1 sp=1 (DDP "
-        f"only) for now")
-ddp = "RANK" in os.environ  # set by torchrun
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
 device_type = device.split(":")[0]
 if device_type == "cuda" and not torch.cuda.is_available():
     die(f"device={device} but torch sees no CUDA GPU; use --device=cpu")
-if ddp:
-    ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if device_type == "cuda":
-        device = f"cuda:{ddp_local_rank}"
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-else:
-    ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
+# torchrun sets RANK/WORLD_SIZE; parallel.py reads them, starts NCCL (GPU) or gloo (CPU) and builds the groups of
+# the rank grid: expert-parallel groups of ep ranks, sequence-parallel groups of sp ranks (parallel.py docstring)
+import parallel  # noqa: E402
+
+try:
+    layout = parallel.init_distributed(ep=ep, sp=sp, device=device)
+except ValueError as e:
+    die(str(e))  # raised on every rank before any collective: a mis-sized launch fails fast, never hangs
+ddp = layout.world > 1
+ddp_rank, ddp_local_rank, ddp_world_size = layout.rank, layout.local_rank, layout.world
+device = str(layout.device)
+# plain data parallel (ep = sp = 1) keeps torch DDP, which overlaps the gradient all-reduce with the backward;
+# with ep or sp > 1 the expert shards and sequence slices need parallel.sync_gradients after the backward instead
+use_ddp = ddp and ep == 1 and sp == 1
 master_process = ddp_rank == 0  # only rank 0 prints, logs and saves
 
 
@@ -219,10 +226,15 @@ def print0(*a, **kw):
         print(*a, **kw, flush=True)
 
 
-if gradient_accumulation_steps % ddp_world_size:
-    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the number of processes "
-        f"({ddp_world_size}): it counts micro-batches over all processes")
-accum_local = gradient_accumulation_steps // ddp_world_size  # micro-steps per process per optimizer step
+# data-parallel streams: the ranks of one SP group read the same sequences (each keeps its slice of them), so
+# there are dp_size = world / sp independent streams of micro-batches (= world without SP)
+dp_rank, dp_size = layout.dp_rank, layout.dp_size
+if gradient_accumulation_steps % dp_size:
+    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the number of data-parallel "
+        f"streams ({dp_size} = {ddp_world_size} processes / sp={sp}): it counts micro-batches over all processes")
+if seq_len % sp:
+    die(f"seq_len={seq_len} must be divisible by sp={sp}: each rank of a sequence-parallel group holds an equal slice")
+accum_local = gradient_accumulation_steps // dp_size  # micro-steps per process per optimizer step
 tokens_per_step = gradient_accumulation_steps * batch_size * seq_len
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
@@ -264,7 +276,8 @@ SPLITS = {"train": 0, "val": 1}
 def get_batch(split, step, g, purpose=0):
     """Global micro-batch g of optimizer step `step`: x, y (B, T) int64 on the device. The window offsets come
     from an RNG seeded with (seed, purpose, split, step, g), so every batch is reproducible from the step alone:
-    that is the whole data-loader state. purpose 0 = training batches, 1 = the fixed evaluation batches."""
+    that is the whole data-loader state. purpose 0 = training batches, 1 = the fixed evaluation batches.
+    With sequence parallelism this rank keeps only its contiguous slice, (B, T / sp)."""
     # a fresh memmap per batch: nanoGPT's fix for memory growth when one memmap is kept open
     data = np.memmap(os.path.join(dataset_path(data_dir, dataset, tokenizer), f"{split}.bin"),
                      dtype=token_dtype, mode="r")
@@ -272,6 +285,7 @@ def get_batch(split, step, g, purpose=0):
     ix = rng.integers(0, len(data) - seq_len, size=batch_size)  # start of each window, window = seq_len + 1
     xy = torch.from_numpy(np.stack([data[i:i + seq_len + 1] for i in ix]).astype(np.int64))  # (B, T+1)
     x, y = xy[:, :-1], xy[:, 1:]  # (B, T) inputs and next-token targets
+    x, y = parallel.split_sequence(x, layout), parallel.split_sequence(y, layout)  # (B, T / sp); as is if sp = 1
     if device_type == "cuda":  # pinned memory lets the copy overlap with the GPU work already queued
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -308,9 +322,18 @@ if checkpoint is not None:
         raw_model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
         die(f"checkpoint {ckpt_path} does not fit the model: {str(e)[:300]}")
+n_params = sum(p.numel() for p in raw_model.parameters())  # counted before the experts are sharded
+# expert / sequence parallelism rewire the built model in place (parallel.py): keep this rank's E/ep experts of
+# every MoE layer (the weights are identical on all ranks here: same seed, or the unsharded checkpoint), and make
+# every attention layer work on a slice of the sequence. Both are no-ops at ep = sp = 1.
+try:
+    parallel.apply_expert_parallel(raw_model, layout, global_router=global_router)
+    parallel.apply_sequence_parallel(raw_model, layout)
+except ValueError as e:
+    die(str(e))
 model = torch.compile(raw_model) if compile else raw_model
-eval_model = model  # evaluation skips the DDP wrapper: no collectives inside, each rank runs its own batches
-if ddp:
+eval_model = model  # evaluation skips the DDP wrapper: each rank runs its own batches (with EP/SP: in step)
+if use_ddp:
     # the buffers (RoPE frequencies, decay slopes) are constants computed on every rank: no need to broadcast them
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ddp_local_rank] if device_type == "cuda"
                                                       else None, broadcast_buffers=False)
@@ -340,19 +363,24 @@ def get_lr(step):
 @torch.no_grad()
 def estimate_loss():
     """Mean loss over eval_iters fixed batches per split (the same batches at every eval, so evals compare).
-    Batch k is evaluated by rank k % world; the sum is all-reduced, so any world size gives the same mean."""
+    Batch k is evaluated by data-parallel stream k % dp_size (with SP, each rank of the stream's group adds the
+    mean over its slice); the sum is all-reduced, so any layout gives the same mean."""
     eval_model.eval()
     out = {}
+    # with EP every forward holds all-to-alls, so all ranks must run the same number of them: streams that run
+    # out of batches evaluate a spare one and leave it out of the sum
+    rounds = math.ceil(eval_iters / dp_size) if ep > 1 else None
     for split in SPLITS:
         total = torch.zeros((), device=device)
-        for k in range(ddp_rank, eval_iters, ddp_world_size):
-            x, y = get_batch(split, k, 0, purpose=1)  # eval batch k: a function of k only
+        for k in range(dp_rank, rounds * dp_size if rounds else eval_iters, dp_size):
+            x, y = get_batch(split, k % eval_iters, 0, purpose=1)  # eval batch k: a function of k only
             with autocast:
                 eval_model(x, y)
-            total += raw_model.last_stats["ce"].float()  # evaluate the language-model loss, without the aux
+            if k < eval_iters:
+                total += raw_model.last_stats["ce"].float()  # evaluate the language-model loss, without the aux
         if ddp:
             torch.distributed.all_reduce(total)
-        out[split] = total.item() / eval_iters  # host sync
+        out[split] = total.item() / (eval_iters * sp)  # host sync
     eval_model.train()
     return out
 
@@ -377,7 +405,8 @@ def save_checkpoint(ckpt, path):
 step = 0
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    # the checkpoint is unsharded: each rank keeps its experts' slice of the AdamW moments (= load_state_dict at ep=1)
+    parallel.load_full_optimizer_state_dict(optimizer, raw_model, checkpoint["optimizer"], layout)
     step = checkpoint["step"]
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if device_type == "cuda" and checkpoint["rng"].get("cuda"):
@@ -398,13 +427,13 @@ elif master_process:
     os.makedirs(out_dir, exist_ok=True)
     open(metrics_path, "w").close()
 start_step = step
-n_params = sum(p.numel() for p in raw_model.parameters())
 print0(f"model {preset}{' ' + model_kw if model_kw else ''}: {n_params / 1e6:.2f}M parameters, {model_config.num_hidden_layers} layers "
        f"({''.join('S' if t == 'full_attention' else 'L' for t in model_config.layer_types)}), "
        f"{model_config.num_local_experts} experts top-{model_config.num_experts_per_tok}")
 print0(f"data {dataset}/{tokenizer}: {meta['train_tokens']:,} train tokens; {tokens_per_step:,} tokens per step "
        f"= {gradient_accumulation_steps} micro-batches x {batch_size} x {seq_len} ({ddp_world_size} process"
-       f"{'es' if ddp else ''}); device {device}, {dtype}, compile={compile}")
+       f"{'es' if ddp else ''}{f', ep={ep} sp={sp}' if ep * sp > 1 else ''}); device {device}, {dtype}, "
+       f"compile={compile}")
 
 
 def log_metrics(record):
@@ -425,10 +454,15 @@ while True:
         print0(f"step {step}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}")
         if master_process:
             log_metrics({"kind": "eval", "step": step, "train_loss": losses["train"], "val_loss": val_loss})
+        if step > 0:
+            # unsharded, whatever the layout: expert shards are gathered to rank 0 (a collective: every rank
+            # takes part), so the checkpoint resumes under any ep/sp and samples in one process
+            full_model = parallel.full_state_dict(raw_model, layout)  # raw module: no "_orig_mod."/"module."
+            full_optimizer = parallel.full_optimizer_state_dict(optimizer, raw_model, layout)
         if step > 0 and master_process:
             ckpt = {
-                "model": raw_model.state_dict(),  # raw module: no "_orig_mod." / "module." prefixes
-                "optimizer": optimizer.state_dict(),
+                "model": full_model,
+                "optimizer": full_optimizer,
                 "model_config": asdict(model_config),
                 "config": config,
                 "tokenizer": {"name": tokenizer, "vocab_size": meta["vocab_size"], "eot_token": meta["eot_token"]},
@@ -454,17 +488,24 @@ while True:
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(accum_local):
         # global micro-batch index: 1 process x 4 micro-steps and 2 processes x 2 see the same 4 batches
-        x, y = get_batch("train", step, micro_step * ddp_world_size + ddp_rank)
+        x, y = get_batch("train", step, micro_step * dp_size + dp_rank)
         # DDP all-reduces gradients during backward; on the non-final micro-steps skip that (no_sync)
-        sync = nullcontext() if not ddp or micro_step == accum_local - 1 else model.no_sync()
+        sync = nullcontext() if not use_ddp or micro_step == accum_local - 1 else model.no_sync()
         with sync:
             with autocast:
                 _, loss = model(x, y)  # loss = mean CE + MoE aux loss (model.py)
             loss = loss / accum_local  # the step's loss is the mean over its micro-batches
             loss.backward()
         loss_sum += loss.detach()
-    # DDP averaged the gradients over the processes: each rank now holds the gradient of the global-batch loss
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    # DDP averaged the gradients over the processes: each rank now holds the gradient of the global-batch loss.
+    # With EP/SP nothing was synced during the backward: dense grads are averaged over all ranks, expert shards
+    # over the ranks holding the same shard, and the norm counts every expert once (parallel.py)
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    if use_ddp or not ddp:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        parallel.sync_gradients(raw_model, layout)
+        grad_norm = parallel.clip_grad_norm_(raw_model, max_norm, layout)
     if ddp:  # the logged loss: mean over processes (the gradients' loss); same number on every rank
         torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
     loss_f, norm_f = torch.stack([loss_sum, grad_norm.float()]).tolist()  # host sync, once per step
