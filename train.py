@@ -55,7 +55,8 @@ dataset = "stdlib"           # stdlib (offline default, auto-prepared) | shakesp
 tokenizer = "byte"           # byte | gpt2 | cl100k_base: which prepared copy of the dataset to read
 seq_len = 256                # context length in tokens
 batch_size = 16              # sequences per micro-batch, per process
-gradient_accumulation_steps = 1   # micro-batches per optimizer step, over all processes (global batch / batch_size)
+gradient_accumulation_steps = 0   # micro-batches per optimizer step over all processes (global batch / batch_size);
+                                  # 0 = one per process (per data-parallel stream: world / sp)
 # model
 preset = "tiny"              # model size, one of model.PRESETS: tiny | small | bench | minimax-text-01
 model_kw = ""                # MiniMaxConfig fields over the preset, e.g. "hidden_size=128,num_hidden_layers=2"
@@ -188,7 +189,7 @@ elif os.path.exists(ckpt_path):  # a fresh run would overwrite it at its first s
 config.update(explicit)
 config["resume"] = checkpoint is not None
 globals().update(config)  # from here on the knobs are plain globals again, as in the block above
-for k in ("seq_len", "batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+for k in ("seq_len", "batch_size", "eval_interval", "eval_iters", "log_interval"):
     if config[k] < 1:
         die(f"{k}={config[k]}: must be at least 1")
 if max_iters < 0 or learning_rate <= 0 or warmup_iters < 0:
@@ -229,7 +230,9 @@ def print0(*a, **kw):
 # data-parallel streams: the ranks of one SP group read the same sequences (each keeps its slice of them), so
 # there are dp_size = world / sp independent streams of micro-batches (= world without SP)
 dp_rank, dp_size = layout.dp_rank, layout.dp_size
-if gradient_accumulation_steps % dp_size:
+if gradient_accumulation_steps == 0:  # the default: one micro-batch per stream; saved resolved, so that a resume
+    gradient_accumulation_steps = config["gradient_accumulation_steps"] = dp_size  # keeps the global batch
+if gradient_accumulation_steps < 0 or gradient_accumulation_steps % dp_size:
     die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the number of data-parallel "
         f"streams ({dp_size} = {ddp_world_size} processes / sp={sp}): it counts micro-batches over all processes")
 if seq_len % sp:

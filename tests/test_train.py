@@ -323,7 +323,7 @@ def test_parallel_layout_errors(data_dir, tmp_path, capsys):
 
 def test_cli(data_dir, tmp_path, capsys):
     code, out, _ = run_inproc("train.py", ["--help"], capsys)
-    assert code == 0 and "learning_rate = 3e-3" in out and "gradient_accumulation_steps = 1" in out
+    assert code == 0 and "learning_rate = 3e-3" in out and "gradient_accumulation_steps = 0" in out
     code, out, _ = run_inproc("sample.py", ["--help"], capsys)
     assert code == 0 and "temperature = 0.8" in out
     for args, msg in [
