@@ -42,8 +42,10 @@ backward of the permute sums the K slot gradients of a token the same way instea
 Host-device syncs: none in the grouped path, dropless or not. experts_loop calls counts.tolist() (one sync).
 
 Grouped matmul: torch._grouped_mm, fast (CUTLASS, no sync) for bf16 on sm90/sm100; on CPU (fp32/bf16, torch
->= 2.9) it loops over the groups; fp64 or unsupported sizes use experts_loop. Its backward rejects stride-0
-output gradients (y.sum().backward()), so the expert output passes through _ContiguousGrad.
+>= 2.9) it loops over the groups; fp64 or unsupported sizes use experts_loop. Under torch.compile only bf16 with
+16-byte aligned rows traces (the op's meta function checks that on every device); anything else takes
+experts_loop, which compile runs eagerly. Its backward rejects stride-0 output gradients (y.sum().backward()),
+so the expert output passes through _ContiguousGrad.
 
 Speed (bench/moe_bench.py, H200, bf16, T=16384, E=32, K=2, D=1024, F=1536, fwd+bwd): layer 2.78 ms = 1.38x its
 expert stage (2.02 ms, 87 % of a dense SwiGLU's TFLOP/s); torch.compile(layer) 2.19 ms. At D=512 the eager layer
@@ -68,10 +70,18 @@ import torch.nn.functional as F
 
 
 def grouped_mm_available(x, *weights):
-    """True when torch._grouped_mm can run these operands (CPU: fp32/bf16; CUDA: 16-byte aligned rows)."""
+    """True when torch._grouped_mm can run these operands.
+
+    Eager: CPU fp32/bf16/fp16 (torch loops over the groups); CUDA with 16-byte aligned rows. Under
+    torch.compile the op is traced with its meta function, which accepts only bf16 with 16-byte aligned rows on
+    ANY device (it restates the CUDA kernel's checks): e.g. train.py --compile on CPU in fp32 failed there.
+    """
     if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False  # e.g. fp64 in the reference tests, or torch < 2.9 on CPU
-    if x.is_cuda:
+    compiling = torch.compiler.is_compiling()
+    if compiling and x.dtype != torch.bfloat16:
+        return False
+    if x.is_cuda or compiling:
         # every leading stride must be a multiple of 16 bytes: D and F multiples of 8 in bf16
         return all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x, *weights))
     return True
@@ -297,7 +307,7 @@ class MoE(nn.Module):
             if x_sorted_ND.is_cuda:
                 _warn_once(f"torch._grouped_mm unavailable for {x_sorted_ND.dtype} / these sizes: per-expert "
                            "loop instead (slow, one host sync)")
-            return self.experts_loop(x_sorted_ND, counts_E, w1, w3, w2)
+            return self.experts_loop(x_sorted_ND, counts_E, w1, w3, w2)  # under compile: runs eagerly
         if x_sorted_ND.is_cuda and not grouped_mm_is_fast(x_sorted_ND):
             _warn_once("torch._grouped_mm runs its looping fallback here (needs bf16 on sm90/sm100): slow")
         offs_E = counts_E.cumsum(0, dtype=torch.int32)  # (E,) end row of each expert's block
@@ -305,6 +315,9 @@ class MoE(nn.Module):
         y_ND = grouped_mm(h_NF, w2, offs_E)  # (N, D)
         return _ContiguousGrad.apply(y_ND)
 
+    # torch.compile runs this eagerly (a graph break around it): traced, its .tolist() would specialise the
+    # graph on the per-expert counts and recompile for every new routing
+    @torch.compiler.disable
     def experts_loop(self, x_sorted_ND, counts_E, w1=None, w3=None, w2=None):
         """Slow twin: one expert at a time with plain matmuls. Rows past sum(counts) get zeros."""
         if w1 is None:

@@ -1,7 +1,7 @@
 """
 Tests for moe.py: the MoE layer against a naive per-token loop, routing properties, losses, token drop.
 
-Run: python -m pytest -q tests/test_moe.py        (CPU, ~10 s)
+Run: python -m pytest -q tests/test_moe.py        (CPU, ~20 s; ~8 s of it one torch.compile)
 
 The reference `naive_moe` reads the layer's parameters and does everything token by token in plain Python:
 softmax of the router logits, top-k, renormalise, then sum_k w_k * expert_k(x_t), with capacity checked by
@@ -117,6 +117,41 @@ def test_grouped_mm_path_fp32(E, K, capacity_factor):
     y_loop, _ = m(x)
     assert torch.allclose(y, y_loop, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, grads_of(m, x, y_loop, g)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def compiled_graphs(fn):
+    """torch.compile(fn) with backend aot_eager, and the list its FX graphs are appended to (proof that
+    something was compiled, not silently run eagerly). aot_eager = Dynamo + AOTAutograd on fake tensors, where
+    the layer used to fail, without inductor's C++ build (about 30 s per test on 2 cores)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=backend), graphs
+
+
+def test_torch_compile_fp32_matches_eager():
+    # Regression (train.py --compile on CPU crashed): torch.compile traces torch._grouped_mm with its meta
+    # function, which accepts only bf16, so the fp32 CPU layer must take the loop twin under compile (eager
+    # keeps torch._grouped_mm). Capacity mode in training, so the drop masks are traced too. Tolerance: fp32
+    # loop vs grouped matmul, same as test_grouped_mm_path_fp32.
+    m = make(4, 2, D=16, F_=24, dtype=torch.float32, capacity_factor=1.0)
+    x = torch.randn(2, 20, 16, requires_grad=True)
+    y, aux = m(x)
+    g = torch.randn_like(y)
+    grads = grads_of(m, x, y, g)
+    compiled, graphs = compiled_graphs(m)
+    y_c, aux_c = compiled(x)
+    assert graphs, "nothing was compiled"
+    assert torch.allclose(y_c, y, rtol=1e-5, atol=1e-6)
+    for k in ("aux_loss", "balance_loss", "z_loss", "load", "dropped"):
+        assert torch.allclose(aux_c[k], aux[k], rtol=1e-5, atol=1e-6), k
+    assert (aux["dropped"] > 0).any()  # the case really drops slots
+    for a, b in zip(grads_of(m, x, y_c, g), grads):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
