@@ -9,6 +9,7 @@ Train a MiniMax model (hybrid lightning/softmax attention + MoE, model.py) on a 
     torchrun --standalone --nproc_per_node=2 train.py                           # DDP, gloo on CPU
     torchrun --standalone --nproc_per_node=2 train.py --ep=2    # expert parallel: 2 of the 4 experts per rank
     torchrun --standalone --nproc_per_node=2 train.py --sp=2    # sequence parallel: half of every sequence per rank
+    python train.py config/train_vl_shapes.py         # MiniMax-VL (vision.py): caption synthetic shapes images
     python train.py --help                            # the knob block below, with defaults
 
 A straight-line script in the style of nanoGPT's train.py: knobs -> setup -> data -> model -> optimizer -> one
@@ -26,7 +27,9 @@ A straight-line script in the style of nanoGPT's train.py: knobs -> setup -> dat
     update, keeping the last good checkpoint.
 Checkpoint (out_dir/ckpt.pt, one torch.save'd dict, loadable with weights_only=True): model (raw, uncompiled
 state_dict), optimizer, model_config (asdict of MiniMaxConfig), config (these knobs), tokenizer, step, data
-state, rng, val_loss. Logs: stdout, and one JSON object per log step / eval in out_dir/metrics.jsonl.
+state, rng, val_loss; MiniMax-VL runs add vision_config (asdict of vision.VisionConfig), from which sample.py
+and vision.vl_from_checkpoint rebuild the model. Logs: stdout, and one JSON object per log step / eval in
+out_dir/metrics.jsonl.
 """
 import ast
 import difflib
@@ -52,14 +55,20 @@ resume = False               # continue out_dir/ckpt.pt: its knobs, except those
 # data
 data_dir = "data"            # prepared datasets: <data_dir>/<dataset>/<tokenizer>/{train,val}.bin (relative: to repo)
 dataset = "stdlib"           # stdlib (offline default, auto-prepared) | shakespeare | a name from data/text/prepare.py
+                             # with vision: shapes (synthetic images, drawn on the fly) | a folder with captions.jsonl
 tokenizer = "byte"           # byte | gpt2 | cl100k_base: which prepared copy of the dataset to read
-seq_len = 256                # context length in tokens
+seq_len = 256                # context length in tokens (text runs; a VL row is as long as its image + caption)
 batch_size = 16              # sequences per micro-batch, per process
 gradient_accumulation_steps = 0   # micro-batches per optimizer step over all processes (global batch / batch_size);
                                   # 0 = one per process (per data-parallel stream: world / sp)
 # model
 preset = "tiny"              # model size, one of model.PRESETS: tiny | small | bench | minimax-text-01
 model_kw = ""                # MiniMaxConfig fields over the preset, e.g. "hidden_size=128,num_hidden_layers=2"
+# vision (MiniMax-VL, vision.py): a ViT + projector in front of the language model, trained to caption images
+vision = ""                  # "" = a text run; else a ViT preset of vision.VISION_PRESETS, e.g. vit-small-56
+vision_kw = ""               # VisionConfig fields over the preset, e.g. "num_hidden_layers=6,max_grid_tiles=9"
+freeze_vision = False        # keep the ViT at its initial weights; the projector, newline and language model train
+init_from = ""               # a text run's ckpt.pt: start the language model from its weights (fresh runs only)
 # optimizer: AdamW, linear warmup then cosine decay to min_lr_frac * learning_rate
 learning_rate = 3e-3
 max_iters = 600              # optimizer steps in total
@@ -172,7 +181,7 @@ if explicit.get("resume", resume):
         die(f"cannot read checkpoint {ckpt_path}: {type(e).__name__}: {str(e)[:200]}. The file is truncated or "
             f"not a nanoMiniMax checkpoint; nothing was changed (start a new run with another --out_dir).")
     config.update({k: v for k, v in saved.items() if k in defaults})
-    model_keys = ("preset", "model_kw", "tokenizer")  # these define the saved weights' shapes
+    model_keys = ("preset", "model_kw", "tokenizer", "vision", "vision_kw")  # these define the weights' shapes
     for k in model_keys:
         if k in explicit and explicit[k] != saved.get(k):
             die(f"--resume: {ckpt_path} was trained with {k}={saved.get(k)!r}, not {explicit[k]!r}; the weights "
@@ -195,6 +204,11 @@ for k in ("seq_len", "batch_size", "eval_interval", "eval_iters", "log_interval"
 if max_iters < 0 or learning_rate <= 0 or warmup_iters < 0:
     die(f"need max_iters >= 0, learning_rate > 0 and warmup_iters >= 0 (got {max_iters}, {learning_rate}, "
         f"{warmup_iters})")
+if vision and (ep != 1 or sp != 1 or compile):
+    die(f"vision={vision!r}: MiniMax-VL runs support DDP but not ep/sp > 1 or compile (got ep={ep}, sp={sp}, "
+        f"compile={compile}): use ep=1 sp=1 compile=false")
+if (freeze_vision or vision_kw) and not vision:
+    die("freeze_vision and vision_kw are for MiniMax-VL runs: set vision=... too (python train.py --help)")
 if not os.path.isabs(data_dir):  # relative to the repo (where data/*/prepare.py write), not to the current dir
     data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), data_dir)
 
@@ -252,79 +266,153 @@ if device_type == "cuda":
 
 # ---- data --------------------------------------------------------------------------------------------------------
 
-from data.tokenizers import dataset_path, load_meta  # noqa: E402  (imported here, where it is first needed)
-
-if dataset == "stdlib" and not os.path.exists(os.path.join(dataset_path(data_dir, dataset, tokenizer), "meta.json")):
-    if ddp_local_rank == 0:  # offline: prepare it on the spot (a few seconds); other ranks wait at the barrier
-        print(f"dataset stdlib/{tokenizer} not prepared yet: preparing it now (python data/stdlib/prepare.py)")
-        from data.stdlib.prepare import prepare
-        try:
-            prepare(data_dir, tokenizer)
-        except ValueError as e:
-            die(str(e))
-    if ddp:
-        torch.distributed.barrier()
-try:
-    meta = load_meta(data_dir, dataset, tokenizer)
-except ValueError as e:
-    die(str(e))
-token_dtype = np.dtype(meta["dtype"])
-for split in ("train", "val"):
-    if meta[f"{split}_tokens"] < seq_len + 1:
-        die(f"the {split} split of {dataset}/{tokenizer} has {meta[f'{split}_tokens']:,} tokens, fewer than "
-            f"seq_len + 1 = {seq_len + 1}: use a smaller --seq_len or more data")
 SPLITS = {"train": 0, "val": 1}
+if not vision:  # text: token files written by data/<dataset>/prepare.py
+    from data.tokenizers import dataset_path, load_meta  # noqa: E402  (imported here, where it is first needed)
 
+    if dataset == "stdlib" and not os.path.exists(os.path.join(dataset_path(data_dir, dataset, tokenizer),
+                                                             "meta.json")):
+        if ddp_local_rank == 0:  # offline: prepare it on the spot (a few seconds); other ranks wait at the barrier
+            print(f"dataset stdlib/{tokenizer} not prepared yet: preparing it now (python data/stdlib/prepare.py)")
+            from data.stdlib.prepare import prepare
+            try:
+                prepare(data_dir, tokenizer)
+            except ValueError as e:
+                die(str(e))
+        if ddp:
+            torch.distributed.barrier()
+    try:
+        meta = load_meta(data_dir, dataset, tokenizer)
+    except ValueError as e:
+        die(str(e))
+    token_dtype = np.dtype(meta["dtype"])
+    for split in ("train", "val"):
+        if meta[f"{split}_tokens"] < seq_len + 1:
+            die(f"the {split} split of {dataset}/{tokenizer} has {meta[f'{split}_tokens']:,} tokens, fewer than "
+                f"seq_len + 1 = {seq_len + 1}: use a smaller --seq_len or more data")
 
-def get_batch(split, step, g, purpose=0):
-    """Global micro-batch g of optimizer step `step`: x, y (B, T) int64 on the device. The window offsets come
-    from an RNG seeded with (seed, purpose, split, step, g), so every batch is reproducible from the step alone:
-    that is the whole data-loader state. purpose 0 = training batches, 1 = the fixed evaluation batches.
-    With sequence parallelism this rank keeps only its contiguous slice, (B, T / sp)."""
-    # a fresh memmap per batch: nanoGPT's fix for memory growth when one memmap is kept open
-    data = np.memmap(os.path.join(dataset_path(data_dir, dataset, tokenizer), f"{split}.bin"),
-                     dtype=token_dtype, mode="r")
-    rng = np.random.default_rng([seed, purpose, SPLITS[split], step, g])
-    ix = rng.integers(0, len(data) - seq_len, size=batch_size)  # start of each window, window = seq_len + 1
-    xy = torch.from_numpy(np.stack([data[i:i + seq_len + 1] for i in ix]).astype(np.int64))  # (B, T+1)
-    x, y = xy[:, :-1], xy[:, 1:]  # (B, T) inputs and next-token targets
-    x, y = parallel.split_sequence(x, layout), parallel.split_sequence(y, layout)  # (B, T / sp); as is if sp = 1
-    if device_type == "cuda":  # pinned memory lets the copy overlap with the GPU work already queued
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+    def get_batch(split, step, g, purpose=0):
+        """Global micro-batch g of optimizer step `step`: x, y (B, T) int64 on the device. The window offsets come
+        from an RNG seeded with (seed, purpose, split, step, g), so every batch is reproducible from the step alone:
+        that is the whole data-loader state. purpose 0 = training batches, 1 = the fixed evaluation batches.
+        With sequence parallelism this rank keeps only its contiguous slice, (B, T / sp)."""
+        # a fresh memmap per batch: nanoGPT's fix for memory growth when one memmap is kept open
+        data = np.memmap(os.path.join(dataset_path(data_dir, dataset, tokenizer), f"{split}.bin"),
+                         dtype=token_dtype, mode="r")
+        rng = np.random.default_rng([seed, purpose, SPLITS[split], step, g])
+        ix = rng.integers(0, len(data) - seq_len, size=batch_size)  # start of each window, window = seq_len + 1
+        xy = torch.from_numpy(np.stack([data[i:i + seq_len + 1] for i in ix]).astype(np.int64))  # (B, T+1)
+        x, y = xy[:, :-1], xy[:, 1:]  # (B, T) inputs and next-token targets
+        x, y = parallel.split_sequence(x, layout), parallel.split_sequence(y, layout)  # (B, T / sp); as is if sp = 1
+        if device_type == "cuda":  # pinned memory lets the copy overlap with the GPU work already queued
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+else:  # MiniMax-VL: image-caption pairs (vision.py), rows "<image>Describe the image: caption<|endoftext|>"
+    from data.shapes.shapes import ShapesDataset  # noqa: E402
+    from data.tokenizers import get_tokenizer  # noqa: E402
+    from vision import CaptionFolder, MiniMaxVL, VisionConfig, vl_batch  # noqa: E402
+
+    if dataset != "shapes" and not os.path.isdir(dataset):
+        die(f"vision={vision!r}: dataset={dataset!r} should be 'shapes' (synthetic) or a folder with captions.jsonl")
+    try:
+        enc = get_tokenizer(tokenizer)
+        # 'shapes': item i of a split is drawn from (data seed 1337, split, i), the held-out 'val' images are the
+        # ones bench/vl_eval.py scores; a folder: every 10th line of captions.jsonl is 'val' (vision.CaptionFolder)
+        vl_data = {s: ShapesDataset(s) if dataset == "shapes" else CaptionFolder(dataset, s) for s in SPLITS}
+    except ValueError as e:
+        die(str(e))
+    meta = {"vocab_size": enc.n_vocab, "eot_token": enc.eot_token}  # what the checkpoint records of the tokenizer
+
+    def get_batch(split, step, g, purpose=0):
+        """The VL twin of the text get_batch: global micro-batch g of step `step` -> (idx (B, T), targets (B, T),
+        images), batch_size image-caption rows right-padded to the longest (vision.vl_batch: targets -1 on image
+        placeholders and padding). Which items: an RNG seeded with (seed, purpose, split, step, g), as for text,
+        so a batch is again a function of the step alone (exact resume, same global batch under DDP)."""
+        rng = np.random.default_rng([seed, purpose, SPLITS[split], step, g])
+        ix = rng.integers(0, len(vl_data[split]), size=batch_size)  # items, with replacement like text windows
+        try:  # images are decoded / drawn on the CPU, then resized and tiled on the device
+            idx, targets, images = vl_batch([vl_data[split][int(i)] for i in ix], enc, raw_model, device=device)
+        except ValueError as e:  # an unreadable image file in a caption folder
+            die(str(e))
+        if idx.shape[1] > model_config.max_position_embeddings:
+            die(f"a {split} row is {idx.shape[1]} tokens (image + caption), more than the model's "
+                f"max_position_embeddings={model_config.max_position_embeddings}: add max_position_embeddings=... "
+                f"to --model_kw, or allow fewer tiles per image with --vision_kw=max_grid_tiles=...")
+        return idx, targets, images
 
 
 # ---- model ---------------------------------------------------------------------------------------------------------
 
 from model import MiniMax, MiniMaxConfig  # noqa: E402
 
-try:
-    model_overrides = {}
-    for item in filter(None, model_kw.replace(" ", "").split(",")):
+def parse_kw(s):
+    """The --model_kw / --vision_kw format: "a=1,b=x" -> {"a": 1, "b": "x"}."""
+    kw = {}
+    for item in filter(None, s.replace(" ", "").split(",")):
         k, _, v = item.partition("=")
         try:
-            model_overrides[k] = ast.literal_eval(v)  # numbers, True/False/None
+            kw[k] = ast.literal_eval(v)  # numbers, True/False/None
         except (ValueError, SyntaxError):
-            model_overrides[k] = v  # a bare word: a string, e.g. layer_pattern=softmax
-    # the vocabulary is padded to a multiple of 64 (tensor-core friendly); the padded ids never occur in the data
-    vocab_size = (meta["vocab_size"] + 63) // 64 * 64
-    model_config = MiniMaxConfig.from_preset(preset, vocab_size=vocab_size, **model_overrides)
+            kw[k] = v  # a bare word: a string, e.g. layer_pattern=softmax
+    return kw
+
+
+try:
+    # the vocabulary is padded to a multiple of 64 (tensor-core friendly); the padded ids never occur in the data.
+    # MiniMax-VL needs one id beyond the tokenizer's: the model's last id is the image placeholder (vision.py)
+    vocab_size = (meta["vocab_size"] + bool(vision) + 63) // 64 * 64
+    model_config = MiniMaxConfig.from_preset(preset, vocab_size=vocab_size, **parse_kw(model_kw))
+    vision_config = VisionConfig.from_preset(vision, **parse_kw(vision_kw)) if vision else None
 except (ValueError, TypeError, KeyError) as e:
-    die(f"preset={preset!r} model_kw={model_kw!r}: {e}")
-if seq_len > model_config.max_position_embeddings:
+    die(f"preset={preset!r} model_kw={model_kw!r}{f' vision={vision!r} vision_kw={vision_kw!r}' if vision else ''}"
+        f": {e}")
+if not vision and seq_len > model_config.max_position_embeddings:
     die(f"seq_len={seq_len} is longer than the model's max_position_embeddings={model_config.max_position_embeddings}"
         f": lower --seq_len or add max_position_embeddings=... to --model_kw")
 with torch.device(device):
     raw_model = MiniMax(model_config)  # the uncompiled, unwrapped module: saved, evaluated, sampled
+    if vision:  # MiniMax-VL: the text model becomes raw_model.language_model, behind the ViT and the projector
+        raw_model = MiniMaxVL(raw_model, vision_config)
+text_model = raw_model.language_model if vision else raw_model
+if vision and raw_model.image_token_id < enc.n_vocab:
+    die(f"vision_kw={vision_kw!r}: image_token_id {raw_model.image_token_id} is a real token of the '{tokenizer}' "
+        f"tokenizer (ids < {enc.n_vocab}); leave it at -1 (the last id, {vocab_size - 1})")
 if checkpoint is not None:
     if checkpoint["model_config"] != asdict(model_config):
         diff = {k: (v, checkpoint["model_config"].get(k)) for k, v in asdict(model_config).items()
                 if checkpoint["model_config"].get(k) != v}
         die(f"checkpoint {ckpt_path} has another model config than this run (now, saved): {diff}")
+    if vision and checkpoint.get("vision_config") != asdict(vision_config):
+        die(f"checkpoint {ckpt_path} has another vision config than this run: saved {checkpoint.get('vision_config')}"
+            f", now {asdict(vision_config)}")
     try:
         raw_model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
         die(f"checkpoint {ckpt_path} does not fit the model: {str(e)[:300]}")
+elif init_from:  # a fresh run whose language model starts from a text run's weights (the vision side from scratch)
+    try:
+        text_ckpt = torch.load(init_from, map_location="cpu", weights_only=True)
+        saved_config, saved_tokenizer = text_ckpt["model_config"], text_ckpt["tokenizer"]["name"]
+    except Exception as e:  # missing, truncated, not a train.py checkpoint
+        die(f"init_from={init_from}: cannot read it ({type(e).__name__}: {str(e)[:200]}); it should be the ckpt.pt "
+            f"of a text run of train.py")
+    if "vision_config" in text_ckpt:
+        die(f"init_from={init_from} is a MiniMax-VL checkpoint, init_from takes a text run's: to continue a VL "
+            f"run, use --resume with its --out_dir")
+    if saved_tokenizer != tokenizer:
+        die(f"init_from={init_from} was trained with tokenizer={saved_tokenizer!r}, this run uses {tokenizer!r}")
+    if saved_config != asdict(model_config):
+        diff = {k: (v, saved_config.get(k)) for k, v in asdict(model_config).items() if saved_config.get(k) != v}
+        knobs = text_ckpt.get("config", {})
+        die(f"init_from={init_from}: its model config differs from this run's (this run, checkpoint): {diff}. Use "
+            f"the text run's preset={knobs.get('preset')!r} model_kw={knobs.get('model_kw')!r}")
+    text_model.load_state_dict(text_ckpt["model"])
+    print0(f"language model initialised from {init_from} (step {text_ckpt.get('step')}, val loss "
+           f"{text_ckpt.get('val_loss', float('nan')):.4f})")
+    del text_ckpt
+if freeze_vision:  # no gradients and no optimizer state for the ViT; the projector, newline and text model train
+    raw_model.vision_tower.requires_grad_(False)
 n_params = sum(p.numel() for p in raw_model.parameters())  # counted before the experts are sharded
 # expert / sequence parallelism rewire the built model in place (parallel.py): keep this rank's E/ep experts of
 # every MoE layer (the weights are identical on all ranks here: same seed, or the unsharded checkpoint), and make
@@ -376,9 +464,9 @@ def estimate_loss():
     for split in SPLITS:
         total = torch.zeros((), device=device)
         for k in range(dp_rank, rounds * dp_size if rounds else eval_iters, dp_size):
-            x, y = get_batch(split, k % eval_iters, 0, purpose=1)  # eval batch k: a function of k only
+            batch = get_batch(split, k % eval_iters, 0, purpose=1)  # eval batch k: a function of k only
             with autocast:
-                eval_model(x, y)
+                eval_model(*batch)
             if k < eval_iters:
                 total += raw_model.last_stats["ce"].float()  # evaluate the language-model loss, without the aux
         if ddp:
@@ -433,10 +521,19 @@ start_step = step
 print0(f"model {preset}{' ' + model_kw if model_kw else ''}: {n_params / 1e6:.2f}M parameters, {model_config.num_hidden_layers} layers "
        f"({''.join('S' if t == 'full_attention' else 'L' for t in model_config.layer_types)}), "
        f"{model_config.num_local_experts} experts top-{model_config.num_experts_per_tok}")
-print0(f"data {dataset}/{tokenizer}: {meta['train_tokens']:,} train tokens; {tokens_per_step:,} tokens per step "
-       f"= {gradient_accumulation_steps} micro-batches x {batch_size} x {seq_len} ({ddp_world_size} process"
-       f"{'es' if ddp else ''}{f', ep={ep} sp={sp}' if ep * sp > 1 else ''}); device {device}, {dtype}, "
-       f"compile={compile}")
+if vision:
+    n_vision = n_params - text_model.num_params()
+    print0(f"vision {vision}{' ' + vision_kw if vision_kw else ''}: {n_vision / 1e6:.2f}M of those parameters (ViT + "
+           f"projector + newline){', ViT frozen' if freeze_vision else ''}; {vision_config.image_size}-px tiles of "
+           f"{vision_config.patch_size}-px patches, up to {vision_config.max_grid_tiles} tiles + a thumbnail per image")
+    print0(f"data {dataset}: {len(vl_data['train']):,} train / {len(vl_data['val']):,} val image-caption pairs, "
+           f"tokenizer {tokenizer}; {gradient_accumulation_steps} micro-batches x {batch_size} images per step "
+           f"({ddp_world_size} process{'es' if ddp else ''}); device {device}, {dtype}; mfu counts the text model only")
+else:
+    print0(f"data {dataset}/{tokenizer}: {meta['train_tokens']:,} train tokens; {tokens_per_step:,} tokens per step "
+           f"= {gradient_accumulation_steps} micro-batches x {batch_size} x {seq_len} ({ddp_world_size} process"
+           f"{'es' if ddp else ''}{f', ep={ep} sp={sp}' if ep * sp > 1 else ''}); device {device}, {dtype}, "
+           f"compile={compile}")
 
 
 def log_metrics(record):
@@ -476,6 +573,8 @@ while True:
                         "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else []},
                 "val_loss": val_loss,
             }
+            if vision:  # sample.py and vision.vl_from_checkpoint rebuild the MiniMax-VL model from it
+                ckpt["vision_config"] = asdict(vision_config)
             save_checkpoint(ckpt, ckpt_path)
             print0(f"saved {ckpt_path}")
         last_saved = step if step > 0 else last_saved
@@ -489,14 +588,16 @@ while True:
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=device)
+    n_tokens = 0  # this process's tokens in the step (VL rows vary in length: counted for the log)
     for micro_step in range(accum_local):
         # global micro-batch index: 1 process x 4 micro-steps and 2 processes x 2 see the same 4 batches
-        x, y = get_batch("train", step, micro_step * dp_size + dp_rank)
+        batch = get_batch("train", step, micro_step * dp_size + dp_rank)  # (x, y), or VL (idx, targets, images)
+        n_tokens += batch[0].numel()
         # DDP all-reduces gradients during backward; on the non-final micro-steps skip that (no_sync)
         sync = nullcontext() if not use_ddp or micro_step == accum_local - 1 else model.no_sync()
         with sync:
             with autocast:
-                _, loss = model(x, y)  # loss = mean CE + MoE aux loss (model.py)
+                _, loss = model(*batch)  # loss = mean CE + MoE aux loss (model.py)
             loss = loss / accum_local  # the step's loss is the mean over its micro-batches
             loss.backward()
         loss_sum += loss.detach()
@@ -532,9 +633,12 @@ while True:
         balance = (load_LE.max(-1).values / load_LE.mean(-1)).mean().item()  # 1.0 = perfectly even experts
         drop = (load_LE * dropped_LE).sum(-1).mean().item()  # fraction of routed slots dropped
         aux = float(stats["aux_loss"])  # host sync
+        if vision:  # rows of padded image + caption tokens; the other processes' rows are about as long
+            tokens_per_step = n_tokens * ddp_world_size
         tok_s = tokens_per_step / dt
         # MFU against one H100's bf16 peak: meaningful on GPUs only (on CPU it is logged as null)
-        mfu = raw_model.estimate_mfu(tokens_per_step // ddp_world_size, dt, seq_len) if device_type == "cuda" else None
+        T = batch[0].shape[1] if vision else seq_len  # VL: the padded row length of the last micro-batch
+        mfu = text_model.estimate_mfu(tokens_per_step // ddp_world_size, dt, T) if device_type == "cuda" else None
         eta = (max_iters - step - 1) * (dt_avg or dt)
         print0(f"step {step}/{max_iters} | loss {loss_f:.4f} | aux {aux:.4f} | balance {balance:.2f} drop {drop:.1%} "
                f"| lr {lr:.2e} | dt {dt * 1000:.0f}ms | tok/s {tok_s:,.0f} | mfu {'-' if mfu is None else f'{mfu:.1%}'} "
@@ -544,6 +648,6 @@ while True:
     step += 1
 
 print0(f"done: {max_iters} steps in {time.time() - t0:.0f}s, val loss {val_loss:.4f}. Sample: python sample.py "
-       f"--out_dir={out_dir}")
+       f"--out_dir={out_dir}{' --image=picture.png' if vision else ''}")
 if ddp:
     torch.distributed.destroy_process_group()
