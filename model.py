@@ -234,32 +234,47 @@ class SoftmaxAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if isinstance(pos, torch.Tensor):  # static decode step (CUDA graphs): the position is a device tensor
+        if cache is None:  # training / plain forward
+            y = self.attend(q, k, v)  # (B, H, T, Dh)
+        elif isinstance(pos, torch.Tensor):  # static decode step (CUDA graphs): the position is a device tensor
             y = self.attend_static(q, k, v, cache, pos)  # (B, H, 1, Dh)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
-        mask, causal = None, True
-        if cache is not None:
-            cache["k"][:, :, pos:pos + T] = k  # the cache is preallocated: writes in place, no re-allocation
-            cache["v"][:, :, pos:pos + T] = v
-            if pos > 0:  # continue after earlier tokens: attend to everything cached so far
-                k = cache["k"][:, :, :pos + T].to(q.dtype)  # (B, Hkv, pos + T, Dh)
-                v = cache["v"][:, :, :pos + T].to(q.dtype)
-                causal = False
-                if T > 1:  # query i sits at position pos + i and sees keys 0 .. pos + i
-                    q_pos = torch.arange(pos, pos + T, device=x.device)
-                    mask = torch.arange(pos + T, device=x.device)[None, :] <= q_pos[:, None]  # (T, pos + T)
-            # pos == 0 (prefill): the new keys are all there is, so plain causal attention (flash kernel, no
-            # (T, T) mask: at T = 64k that mask alone would be 4 GB)
-        # SDPA: scale 1/sqrt(Dh); the flash/efficient kernels and the math path all take the softmax in fp32.
-        # enable_gqa lets each group of H / Hkv query heads share one KV head without materialising copies.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        else:  # prefill or eager decode
+            y = self.attend_cache(q, k, v, cache, pos)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H * Dh)
         return self.o_proj(y)
+
+    def attend(self, q, k, v):
+        """Causal attention among the T tokens of a plain forward (no cache): q (B, H, T, Dh), k, v (B, Hkv, T, Dh)
+        after RoPE -> (B, H, T, Dh). The seam for sequence parallelism: parallel.py replaces it on an instance
+        with a version that gathers the keys and values of the whole sequence."""
+        # SDPA: scale 1/sqrt(Dh); the flash/efficient kernels and the math path all take the softmax in fp32.
+        # enable_gqa lets each group of H / Hkv query heads share one KV head without materialising copies.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    def attend_cache(self, q, k, v, cache, pos):
+        """Write the new k, v to cache slots [pos, pos + T) and attend to everything cached so far.
+        q (B, H, T, Dh), k, v (B, Hkv, T, Dh) -> (B, H, T, Dh). Position pos is a host int."""
+        T = q.shape[2]
+        cache["k"][:, :, pos:pos + T] = k  # the cache is preallocated: writes in place, no re-allocation
+        cache["v"][:, :, pos:pos + T] = v
+        # prefill (pos == 0): the new keys are all there is, so plain causal attention (flash kernel, no (T, T)
+        # mask: at T = 64k that mask alone would be 4 GB). The SDPA call of attend, not a call of attend itself:
+        # parallel.py may swap that one, and a cache always holds whole sequences on one rank.
+        if pos == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        # continue after earlier tokens: attend to everything cached so far
+        k = cache["k"][:, :, :pos + T].to(q.dtype)  # (B, Hkv, pos + T, Dh)
+        v = cache["v"][:, :, :pos + T].to(q.dtype)
+        mask = None
+        if T > 1:  # query i sits at position pos + i and sees keys 0 .. pos + i
+            q_pos = torch.arange(pos, pos + T, device=q.device)
+            mask = torch.arange(pos + T, device=q.device)[None, :] <= q_pos[:, None]  # (T, pos + T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, enable_gqa=True)
 
     def attend_static(self, q, k, v, cache, pos):
         """One new token whose position is the device tensor pos (shape ()), attending over the WHOLE
         preallocated cache with a mask: the same shapes and no host values at every step, so a CUDA graph can
-        capture it. q (B, H, 1, Dh), k, v (B, Hkv, 1, Dh) -> (B, H, 1, Dh). Twin: the sliced path above."""
+        capture it. q (B, H, 1, Dh), k, v (B, Hkv, 1, Dh) -> (B, H, 1, Dh). Twin: attend_cache."""
         B, G = q.shape[0], self.n_head // self.n_kv_head
         cache["k"].index_copy_(2, pos.view(1), k.to(cache["k"].dtype))  # write slot pos in place
         cache["v"].index_copy_(2, pos.view(1), v.to(cache["v"].dtype))
@@ -311,7 +326,7 @@ class LightningAttention(nn.Module):
         qkv = F.silu(self.qkv_proj(x)).view(B, T, H, 3 * Dh)  # SiLU on q, k AND v
         q, k, v = qkv.transpose(1, 2).split(Dh, dim=-1)  # each (B, H, T, Dh)
         if cache is None:  # training / plain forward: chunked kernel from a zero state
-            o, _ = lightning_attn(q, k, v, self.slope)  # (B, H, T, Dh)
+            o = self.attend(q, k, v)  # (B, H, T, Dh)
         elif T == 1:  # decode: one recurrence step, O(Dh^2) per head whatever the context length
             o, state = lightning_attn_decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.slope, cache["state"])
             cache["state"].copy_(state)  # in place: the cache tensors keep their addresses (CUDA-graph friendly)
@@ -324,6 +339,13 @@ class LightningAttention(nn.Module):
         o = self.norm(o)
         o = torch.sigmoid(self.output_gate(x)) * o  # output gate from the same (normed) layer input
         return self.out_proj(o)
+
+    def attend(self, q, k, v):
+        """Lightning attention over the T tokens of a plain forward, from a zero state: q, k, v (B, H, T, Dh)
+        after SiLU -> o (B, H, T, Dh). The seam for sequence parallelism: parallel.py replaces it on an instance
+        with LASP+ (the same kernel on a slice, plus the decayed states of the earlier slices)."""
+        o, _ = lightning_attn(q, k, v, self.slope)
+        return o
 
 
 # -----------------------------------------------------------------------------
@@ -504,6 +526,10 @@ class MiniMax(nn.Module):
         # speed knobs (bench/NOTES_speed.md), each with its plain twin tested in tests/test_speed_paths.py:
         self.checkpoint_layers = 0  # recompute the first n blocks in the backward (activation checkpointing)
         self.check_ids = True  # validate token ids: one host sync per forward; tight training loops may skip it
+        # sequence parallelism (parallel.py sets it): the T tokens of a forward without a cache are slice i of
+        # n equal slices of longer sequences, so their RoPE positions are i*T .. i*T + T-1. Default (0, 1): whole
+        # sequences. A forward with a cache ignores it (generation runs on one rank, whole sequences).
+        self.seq_slice = (0, 1)
         self._init_buffers()
         self.init_weights()
 
@@ -638,7 +664,7 @@ class MiniMax(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------------------
 
-    def _check_inputs(self, idx, inputs_embeds, pos):
+    def _check_inputs(self, idx, inputs_embeds, cache):
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("MiniMax: pass exactly one of idx (B, T) token ids or inputs_embeds (B, T, hidden)")
         if idx is not None:
@@ -657,20 +683,26 @@ class MiniMax(nn.Module):
                 raise ValueError(f"MiniMax: inputs_embeds must be (B, T, {self.config.hidden_size}), got "
                                  f"{tuple(inputs_embeds.shape)}")
             T = inputs_embeds.shape[1]
-        if pos + T > self.config.max_position_embeddings:
-            raise ValueError(f"MiniMax: sequence of {pos + T} tokens (position {pos} + {T} new) is longer than "
+        i, n = self.seq_slice
+        if cache is not None:
+            length, what = cache.pos + T, f" (position {cache.pos} + {T} new)"
+        else:  # a slice (sequence parallelism): the whole sequence must fit
+            length, what = n * T, f" (slice {i} of {n}, {T} tokens each)" if n > 1 else ""
+        if length > self.config.max_position_embeddings:
+            raise ValueError(f"MiniMax: sequence of {length} tokens{what} is longer than "
                              f"max_position_embeddings={self.config.max_position_embeddings}; crop the input or "
                              "build the model with a larger max_position_embeddings")
         return T
 
     def _hidden(self, idx=None, inputs_embeds=None, cache=None):
         """The decoder stack: -> (final-normed hidden states (B, T, D), list of the L MoE aux dicts)."""
-        pos = cache.pos if cache is not None else 0
-        T = self._check_inputs(idx, inputs_embeds, pos)
+        T = self._check_inputs(idx, inputs_embeds, cache)
+        pos = cache.pos if cache is not None else 0  # tokens already in the cache
         if cache is not None and pos + T > cache.max_len:
             raise ValueError(f"MiniMax: the cache holds {cache.max_len} tokens, {pos} used, {T} more do not fit")
         x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds  # (B, T, D)
-        positions = torch.arange(pos, pos + T, device=x.device)
+        start = pos if cache is not None else self.seq_slice[0] * T  # position of the first of the T tokens
+        positions = torch.arange(start, start + T, device=x.device)
         cos, sin = rope_cos_sin(positions, self.inv_freq)  # (T, rotary_dim) each, shared by all softmax layers
         auxes = []
         for l, block in enumerate(self.layers):

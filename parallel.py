@@ -1,10 +1,11 @@
 """
 Parallel training for nanoMiniMax: data parallel (DP), expert parallel (EP) and LASP+ sequence parallel (SP).
 
-The model files have no collectives. This file takes an already-built MiniMax and replaces one method on
-existing module instances (MoE.run_experts and MoE.global_counts, moe.py's seams; the attention layers'
-forward, whose projections it restates around the distributed core, so tests/test_parallel.py compares every
-layout against model.py itself). Everything distributed is read here, top to bottom:
+The model files have no collectives. This file takes an already-built MiniMax and replaces methods on
+existing module instances, the seams left for it: MoE.run_experts and MoE.global_counts (moe.py), and the
+attention core `attend` of LightningAttention and SoftmaxAttention (model.py, which also takes the RoPE offset
+of a slice in model.seq_slice). No layer math is restated here; tests/test_parallel.py compares every layout
+against the single-process model. Everything distributed is read here, top to bottom:
 
     init_distributed(ep, sp)          torchrun env -> Layout (rank grid + process groups), fails fast on bad sizes
     apply_expert_parallel(model, L)   keep E/ep experts per rank; all-to-all tokens to the rank owning the expert
@@ -50,7 +51,7 @@ S_in(r) = sum_{q<r} lambda^{len_{q+1} + ... + len_{r-1}} KV_L(q)   (= the loop K
 and adds the inter-rank term. The intra part stays local, the only communication is one all-gather of B*H*D*E
 fp32 per layer, and the backward of the all-gather sums each state's gradient back to its owner.
 Softmax layers all-gather K and V over the SP group and attend with the queries offset by sp_rank * T_local
-(lower-right aligned causal mask); RoPE positions are offset the same way.
+(lower-right aligned causal mask); RoPE positions are offset the same way (model.seq_slice).
 
 Refs: MiniMax-01 (arXiv 2501.08313) sections 2.1, 3.1, 3.2.2; LASP (arXiv 2404.02882); Megatron-LM
 `mappings.py` _AllToAll; torchtitan `expert_parallel.py`. Letters: T tokens, D hidden, E experts, K top-k,
@@ -71,7 +72,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_attn import lightning_attn
-from model import LightningAttention, SoftmaxAttention, apply_rotary, rope_cos_sin
+from model import LightningAttention, SoftmaxAttention
 from moe import MoE
 
 # -----------------------------------------------------------------------------
@@ -335,8 +336,9 @@ def lasp_inter(q, slope_H, prefix):
     return (q.to(prefix.dtype) * decay_HT[..., None]) @ prefix  # (B, H, T, E)
 
 
-def lasp_attention(q, k, v, slope, layout):
-    """Lightning attention over a sequence split across the SP group (LASP+). q, k, v: this rank's slice."""
+def lasp_attend(attn, layout, q, k, v):
+    """LightningAttention.attend for this rank's slice (LASP+): q, k, v (B, H, T, D) -> o (B, H, T, E)."""
+    slope = attn.slope  # (H,) fp32, read at every call: model.to(...) replaces the buffer
     # (1) local pass from a zero state: intra + inter-chunk parts of the slice, and the slice's own final state
     o, kv_local = lightning_attn(q, k, v, slope, output_final_state=True)  # (B, H, T, E), (B, H, D, E) fp32
     # (2) every rank's state (one all-gather; its backward returns each state's gradient to its owner)
@@ -346,35 +348,12 @@ def lasp_attention(q, k, v, slope, layout):
     return o + lasp_inter(q, slope, prefix).to(o.dtype)
 
 
-def _sp_lightning_forward(attn, layout, x, cache=None, pos=0):
-    """model.LightningAttention.forward (no-cache path) with the kernel call replaced by lasp_attention."""
-    if cache is not None:
-        raise ValueError("parallel: sequence parallelism is for training/eval forwards; generate on one rank")
-    B, T, _ = x.shape
-    H, Dh = attn.n_head, attn.head_dim
-    qkv = F.silu(attn.qkv_proj(x)).view(B, T, H, 3 * Dh)  # as model.py: per head [q_h | k_h | v_h]
-    q, k, v = qkv.transpose(1, 2).split(Dh, dim=-1)  # each (B, H, T, Dh)
-    o = lasp_attention(q, k, v, attn.slope, layout)  # (B, H, T, Dh)
-    o = attn.norm(o.transpose(1, 2).reshape(B, T, H * Dh))  # (B, T, H * Dh)
-    return attn.out_proj(torch.sigmoid(attn.output_gate(x)) * o)
-
-
-def _sp_softmax_forward(attn, model, layout, x, cos, sin, cache=None, pos=0):
-    """model.SoftmaxAttention.forward for a slice: RoPE at the global positions, keys/values of the whole
-    sequence gathered over the SP group, queries at offset sp_rank * T (lower-right aligned causal mask)."""
-    if cache is not None:
-        raise ValueError("parallel: sequence parallelism is for training/eval forwards; generate on one rank")
-    B, T, _ = x.shape
-    H, Hkv, Dh, r = attn.n_head, attn.n_kv_head, attn.head_dim, layout.sp_rank
-    if layout.sp * T > model.config.max_position_embeddings:  # the model only checks the local slice length
-        raise ValueError(f"parallel: sequence of {layout.sp} x {T} tokens is longer than max_position_embeddings="
-                         f"{model.config.max_position_embeddings}")
-    positions = torch.arange(r * T, (r + 1) * T, device=x.device)  # global positions of my slice
-    cos, sin = rope_cos_sin(positions, model.inv_freq)  # replaces the (0 .. T-1) cos/sin computed by the model
-    q = attn.q_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
-    k = attn.k_proj(x).view(B, T, Hkv, Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
-    v = attn.v_proj(x).view(B, T, Hkv, Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+def gathered_kv_attend(attn, layout, q, k, v):
+    """SoftmaxAttention.attend for this rank's slice: q (B, H, T, D), k, v (B, Hkv, T, D) after RoPE at the
+    global positions (model.seq_slice) -> (B, H, T, D). Keys and values of the whole sequence are gathered over
+    the SP group; the queries sit at offset sp_rank * T (causal mask aligned to the lower-right corner)."""
+    B, H, T, Dh = q.shape
+    Hkv, r = k.shape[1], layout.sp_rank
     kv = all_gather(torch.stack([k, v]), layout.sp_group)[:r + 1]  # (r+1, 2, B, Hkv, T, Dh): later slices unseen
     kv = kv.permute(1, 2, 3, 0, 4, 5).reshape(2, B, Hkv, (r + 1) * T, Dh)  # keys 0 .. (r+1)T-1 in order
     # GQA by repeating the KV heads: the lower-right causal kernels below take equal head counts
@@ -388,25 +367,28 @@ def _sp_softmax_forward(attn, model, layout, x, cos, sin, cache=None, pos=0):
         mask = causal_lower_right(T, S)
     else:  # CPU: SDPA would materialise that mask anyway; same mask, built here
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S) key j <= r*T + i
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    return attn.o_proj(y.transpose(1, 2).reshape(B, T, H * Dh))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
 
 def apply_sequence_parallel(model, layout):
     """Make every attention layer of a MiniMax work on a contiguous slice of the sequence (split_sequence).
 
-    Lightning layers: LASP+; softmax layers: gathered K/V; the MoE and norms are per token, unchanged. The
-    loss of a rank is the mean over its slice; sync_gradients turns the ranks' gradients into the gradient of
-    the mean over the whole sequence. The MoE balance loss is computed per slice (as per micro-batch).
+    model.seq_slice = (sp_rank, sp): RoPE at the global positions, and the length check of the whole sequence.
+    Each attention layer's attend (model.py's seam) is swapped: lightning layers LASP+, softmax layers gathered
+    K/V. Projections, norms and the MoE are per token and stay as they are. Only the plain forward changes: a
+    forward with a cache (generate) never calls attend and ignores seq_slice, so it runs whole sequences on
+    one rank. The loss of a rank is the mean over its slice; sync_gradients turns the ranks' gradients into the
+    gradient of the mean over the whole sequence. The MoE balance loss is computed per slice (as per micro-batch).
     """
     if layout.sp == 1:
         return model
+    model.seq_slice = (layout.sp_rank, layout.sp)
     for block in model.layers:
         attn = block.self_attn
         if isinstance(attn, LightningAttention):
-            attn.forward = partial(_sp_lightning_forward, attn, layout)  # instance attribute shadows the method
+            attn.attend = partial(lasp_attend, attn, layout)  # instance attribute shadows the method
         elif isinstance(attn, SoftmaxAttention):
-            attn.forward = partial(_sp_softmax_forward, attn, model, layout)
+            attn.attend = partial(gathered_kv_attend, attn, layout)
         else:
             raise ValueError(f"parallel: unknown attention module {type(attn).__name__} for sequence parallelism")
     return model
@@ -544,6 +526,7 @@ def load_full_optimizer_state_dict(optimizer, model, full_osd, layout):
     osd = {"state": {i: dict(s) for i, s in full_osd["state"].items()}, "param_groups": full_osd["param_groups"]}
     for i, p in _optimizer_expert_slots(optimizer, model).items():
         for k, v in osd["state"].get(i, {}).items():
-            if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == p.shape[0] * layout.ep and v.shape[1:] == p.shape[1:]:
+            if (torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == p.shape[0] * layout.ep
+                    and v.shape[1:] == p.shape[1:]):
                 osd["state"][i][k] = _shard_experts(v, layout)
     optimizer.load_state_dict(osd)

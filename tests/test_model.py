@@ -166,6 +166,16 @@ def test_greedy_generate_is_argmax_of_full_forward():
     assert torch.equal(out[:, 30:], full[:, 29:-1].argmax(-1))
 
 
+def test_generate_ignores_seq_slice():
+    # model.seq_slice (set by parallel.py's sequence parallelism) offsets the positions of plain forwards only;
+    # generation with a cache runs whole sequences, so it must give the same tokens with or without it
+    model = tiny().double()
+    prompt = torch.randint(0, 512, (2, 10))
+    out = model.generate(prompt, 6, temperature=0)
+    model.seq_slice = (1, 2)
+    assert torch.equal(model.generate(prompt, 6, temperature=0), out)
+
+
 def test_generate_sampling():
     model = tiny()
     prompt = torch.randint(0, 512, (2, 5))
@@ -392,6 +402,10 @@ def test_bad_inputs():
         MiniMaxConfig(num_hidden_layers=2, layer_types=["full_attention", "full_attention"])
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
         MiniMaxConfig(num_attention_heads=8, num_key_value_heads=3)
+    model.seq_slice = (1, 2)  # a slice of 300 tokens (sequence parallelism): the whole 600 must fit
+    with pytest.raises(ValueError, match=r"600 tokens \(slice 1 of 2, 300 tokens each\).*max_position_embeddings"):
+        model(torch.zeros(1, 300, dtype=torch.long))
+    model.seq_slice = (0, 1)
     cache = model.new_cache(1, 8)
     model(torch.zeros(1, 6, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="cache holds 8 tokens"):
