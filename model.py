@@ -423,8 +423,8 @@ class Block(nn.Module):
                                     z_loss_coef=config.router_z_loss_coef)
         self.mlp_alpha, self.mlp_beta = config.mlp_alpha_factor, config.mlp_beta_factor
 
-    def forward(self, x, cos, sin, cache=None, pos=0):
-        """x (B, T, D) -> (x (B, T, D), the MoE's aux dict)."""
+    def forward(self, x, cos, sin, cache=None, pos=0, stats=True):
+        """x (B, T, D) -> (x (B, T, D), the MoE's aux dict; {} with stats=False)."""
         h = self.input_layernorm(x)  # the residual below is h, the NORMED input (post-norm)
         if self.layer_type == "linear_attention":
             a = self.self_attn(h, cache, pos)  # lightning layers have no positional encoding
@@ -432,7 +432,7 @@ class Block(nn.Module):
             a = self.self_attn(h, cos, sin, cache, pos)
         x = self.attn_alpha * h + self.attn_beta * a
         h = self.post_attention_layernorm(x)
-        y, aux = self.block_sparse_moe(h)
+        y, aux = self.block_sparse_moe(h, stats=stats)
         x = self.mlp_alpha * h + self.mlp_beta * y
         return x, aux
 
@@ -694,8 +694,12 @@ class MiniMax(nn.Module):
                              "build the model with a larger max_position_embeddings")
         return T
 
-    def _hidden(self, idx=None, inputs_embeds=None, cache=None):
-        """The decoder stack: -> (final-normed hidden states (B, T, D), list of the L MoE aux dicts)."""
+    def _hidden(self, idx=None, inputs_embeds=None, cache=None, stats=False):
+        """The decoder stack: -> (final-normed hidden states (B, T, D), list of the L MoE aux dicts).
+
+        stats: compute the MoE losses and statistics (only a forward with targets reads them; without, the aux
+        dicts are empty and the ~10 small kernels per layer they cost are skipped, e.g. in generation).
+        """
         T = self._check_inputs(idx, inputs_embeds, cache)
         pos = cache.pos if cache is not None else 0  # tokens already in the cache
         if cache is not None and pos + T > cache.max_len:
@@ -708,9 +712,9 @@ class MiniMax(nn.Module):
         for l, block in enumerate(self.layers):
             if l < self.checkpoint_layers and cache is None and torch.is_grad_enabled():
                 # activation checkpointing: keep only the block's input; the backward reruns the block
-                x, aux = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+                x, aux = torch.utils.checkpoint.checkpoint(block, x, cos, sin, stats=stats, use_reentrant=False)
             else:
-                x, aux = block(x, cos, sin, None if cache is None else cache.layers[l], pos)
+                x, aux = block(x, cos, sin, None if cache is None else cache.layers[l], pos, stats)
             auxes.append(aux)
         if cache is not None:
             cache.pos = pos + T
@@ -728,7 +732,7 @@ class MiniMax(nn.Module):
         logits=False (with targets): the loss by chunked_cross_entropy, never holding the (B, T, V) logits
         (at T = 64k they are 4 GB in bf16 plus 3 fp32 copies in the plain path); returns (None, loss).
         """
-        x, auxes = self._hidden(idx, inputs_embeds, cache)
+        x, auxes = self._hidden(idx, inputs_embeds, cache, stats=targets is not None)
         if targets is None or logits:
             logits = self.lm_head(x)  # (B, T, V)
             if targets is None:
@@ -831,7 +835,7 @@ class MiniMax(nn.Module):
         x = self.embed_tokens(idx)  # (B, 1, D)
         cos, sin = rope_cos_sin(pos.view(1), self.inv_freq)  # (1, rotary_dim)
         for l, block in enumerate(self.layers):
-            x, _ = block(x, cos, sin, cache.layers[l], pos)
+            x, _ = block(x, cos, sin, cache.layers[l], pos, stats=False)
         return _fp32(self.lm_head(self.norm(x)[:, -1]))
 
     # ---- loading a transformers checkpoint -----------------------------------------------------------------

@@ -332,8 +332,12 @@ class MoE(nn.Module):
 
     # ---- the whole layer -------------------------------------------------------------------------------
 
-    def forward(self, x):
-        """x (..., D) -> (y (..., D) in x's dtype, aux dict of losses and statistics)."""
+    def forward(self, x, stats=True):
+        """x (..., D) -> (y (..., D) in x's dtype, aux dict of losses and statistics).
+
+        stats=False: aux = {}, for callers that discard it (model.py's generation): the losses and statistics
+        are ~10 small kernels per layer, a noticeable share of a decoded token.
+        """
         D, E, K = self.hidden_size, self.num_experts, self.top_k
         if x.shape[-1] != D:
             raise ValueError(f"MoE: expected last dim hidden_size={D}, got input of shape {tuple(x.shape)}")
@@ -359,6 +363,10 @@ class MoE(nn.Module):
 
         # 4. unpermute + combine: y[t] = sum_k weights[t, k] * y_sorted[dest[t*K + k]]
         y_TD = _Combine.apply(y_sorted_ND, weights_TK, dest_N, order_N)
+        if y_TD.dtype != x.dtype:
+            y_TD = y_TD.to(x.dtype)
+        if not stats:
+            return y_TD.view(x.shape), {}
 
         # load-balancing losses (fp32) and detached statistics
         load_E = counts_E / (T * K)  # (E,) fp32, f_i: fraction of the T*K slots routed to expert i
@@ -374,8 +382,6 @@ class MoE(nn.Module):
             dropped_E = (counts_E - kept_E) / counts_E.clamp(min=1)  # (E,) fraction of each expert's slots
         aux = {"aux_loss": aux_loss, "balance_loss": balance_loss, "z_loss": z_loss,
                "load": load_E.detach(), "dropped": dropped_E}
-        if y_TD.dtype != x.dtype:
-            y_TD = y_TD.to(x.dtype)
         return y_TD.view(x.shape), aux
 
 

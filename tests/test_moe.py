@@ -316,6 +316,17 @@ def test_deterministic_and_shapes():
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+def test_stats_false_same_output():
+    # generation skips the losses and statistics (stats=False): the output must not change, in either mode
+    m = make(4, 2, dtype=torch.float32, D=16, F_=24, capacity_factor=1.0)
+    x = torch.randn(30, 16)
+    for training in (True, False):
+        m.train(training)
+        y, aux = m(x)
+        y2, aux2 = m(x, stats=False)
+        assert torch.equal(y, y2) and aux2 == {} and "aux_loss" in aux
+
+
 def test_autocast_bf16():
     # fp32 parameters, bf16 compute under autocast: output keeps x's dtype and is close to fp32 (bf16 eps
     # 2^-8, relative error of a few bf16 roundings ~1e-2).
