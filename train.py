@@ -69,6 +69,7 @@ vision = ""                  # "" = a text run; else a ViT preset of vision.VISI
 vision_kw = ""               # VisionConfig fields over the preset, e.g. "num_hidden_layers=6,max_grid_tiles=9"
 freeze_vision = False        # keep the ViT at its initial weights; the projector, newline and language model train
 init_from = ""               # a text run's ckpt.pt: start the language model from its weights (fresh runs only)
+data_workers = 0             # vision: processes that draw/decode the next batch's images while the GPU trains
 # optimizer: AdamW, linear warmup then cosine decay to min_lr_frac * learning_rate
 learning_rate = 3e-3
 max_iters = 600              # optimizer steps in total
@@ -207,8 +208,11 @@ if max_iters < 0 or learning_rate <= 0 or warmup_iters < 0:
 if vision and (ep != 1 or sp != 1 or compile):
     die(f"vision={vision!r}: MiniMax-VL runs support DDP but not ep/sp > 1 or compile (got ep={ep}, sp={sp}, "
         f"compile={compile}): use ep=1 sp=1 compile=false")
-if (freeze_vision or vision_kw) and not vision:
-    die("freeze_vision and vision_kw are for MiniMax-VL runs: set vision=... too (python train.py --help)")
+if (freeze_vision or vision_kw or data_workers) and not vision:
+    die("freeze_vision, vision_kw and data_workers are for MiniMax-VL runs: set vision=... too (python train.py "
+        "--help)")
+if data_workers < 0:
+    die(f"data_workers={data_workers}: must be >= 0 (0 = draw the images in the training loop)")
 if not os.path.isabs(data_dir):  # relative to the repo (where data/*/prepare.py write), not to the current dir
     data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), data_dir)
 
@@ -323,16 +327,48 @@ else:  # MiniMax-VL: image-caption pairs (vision.py), rows "<image>Describe the 
     except ValueError as e:
         die(str(e))
     meta = {"vocab_size": enc.n_vocab, "eot_token": enc.eot_token}  # what the checkpoint records of the tokenizer
+    # Drawing (shapes) or decoding (files) 64 images is ~0.1 s of single-core CPU work per step: with data_workers
+    # > 0 a process pool prepares the items of the next training micro-batch while this one trains. The items are
+    # a function of (seed, split, step, g), so prefetching changes nothing but the time (tests check it).
+    # The workers only run numpy/Pillow on the CPU (forked, they never touch CUDA) and return numpy arrays.
+    pool = None
+    if data_workers > 0:
+        import concurrent.futures
+        import multiprocessing
+        pool = concurrent.futures.ProcessPoolExecutor(data_workers, mp_context=multiprocessing.get_context("fork"))
+    prefetched = {}  # (split, step, g, purpose) -> futures of its items
+
+    def load_items(split, ix):
+        """Items ix of a split as [(image (3, h, w) uint8 numpy, caption)] (runs in a worker, or here)."""
+        return [(img.numpy(), caption) for img, caption in (vl_data[split][int(i)] for i in ix)]
+
+    def item_futures(key):
+        """Submit the items of batch key = (split, step, g, purpose) to the pool, in data_workers chunks."""
+        split, step, g, purpose = key
+        ix = np.random.default_rng([seed, purpose, SPLITS[split], step, g]).integers(0, len(vl_data[split]),
+                                                                                       size=batch_size)
+        if pool is None:
+            return ix
+        return [pool.submit(load_items, split, chunk) for chunk in np.array_split(ix, data_workers)]
 
     def get_batch(split, step, g, purpose=0):
         """The VL twin of the text get_batch: global micro-batch g of step `step` -> (idx (B, T), targets (B, T),
         images), batch_size image-caption rows right-padded to the longest (vision.vl_batch: targets -1 on image
         placeholders and padding). Which items: an RNG seeded with (seed, purpose, split, step, g), as for text,
         so a batch is again a function of the step alone (exact resume, same global batch under DDP)."""
-        rng = np.random.default_rng([seed, purpose, SPLITS[split], step, g])
-        ix = rng.integers(0, len(vl_data[split]), size=batch_size)  # items, with replacement like text windows
-        try:  # images are decoded / drawn on the CPU, then resized and tiled on the device
-            idx, targets, images = vl_batch([vl_data[split][int(i)] for i in ix], enc, raw_model, device=device)
+        key = (split, step, g, purpose)
+        try:  # images are decoded / drawn on the CPU (here or in the pool), then resized and tiled on the device
+            pending = prefetched.pop(key, None) or item_futures(key)  # items, with replacement like text windows
+            if pool is None:
+                items = load_items(split, pending)
+            else:
+                items = [item for f in pending for item in f.result()]
+                if purpose == 0:  # the next training micro-batch of this process: start drawing it now
+                    nxt = (split, step, g + dp_size) if g + dp_size < gradient_accumulation_steps else \
+                        (split, step + 1, dp_rank)
+                    prefetched[(*nxt, 0)] = item_futures((*nxt, 0))
+            idx, targets, images = vl_batch([(torch.from_numpy(img), c) for img, c in items], enc, raw_model,
+                                            device=device)
         except ValueError as e:  # an unreadable image file in a caption folder
             die(str(e))
         if idx.shape[1] > model_config.max_position_embeddings:

@@ -182,6 +182,14 @@ def test_ddp_two_processes_match_one(captions, baseline, tmp_path):
         assert evals[s] == pytest.approx(evals_ref[s], rel=1e-6, abs=0)
 
 
+def test_data_workers_change_nothing_but_time(captions, baseline, tmp_path):
+    """--data_workers=2: the images are decoded in 2 forked processes, the next micro-batch while this one trains.
+    The batches are a function of (seed, split, step, g), so the losses are bitwise those of the baseline."""
+    out = str(tmp_path / "workers")
+    run([sys.executable, "train.py", *vl_args(captions), f"--out_dir={out}", "--max_iters=4", "--data_workers=2"])
+    assert losses(out) == losses(baseline)
+
+
 def test_init_from_text_checkpoint_and_freeze_vision(captions, text_ckpt, tmp_path, capsys):
     """init_from loads the text run's weights into the language model; freeze_vision keeps the ViT at its initial
     weights (bitwise) while the projector trains."""
