@@ -34,10 +34,10 @@ Budgets (--budget; every number is in BUDGETS below, and printed at the start):
     ci     seconds on a CPU: a 2-layer toy, a handful of steps; proves the plumbing (tests/test_paper_claims.py)
     gpu    one H100, ~5-8 minutes for all three parts (an estimate: it was sized without a GPU; the script
            prints its measured wall time). Per variant: LM 800 steps x 16 x 1024 tokens (13.1M tokens, ~1.1
-           epochs of the dataset), MQAR 3000 steps x 16k tokens, passkey 5 lengths x 5 depths x 4 trials.
+           epochs of the dataset), MQAR 1500 steps x 16k tokens (lengths 128-2048), passkey 5 lengths x 5 depths x 4 trials.
            Too slow on your card? --steps-scale=0.5, or run the parts as separate commands.
     full   one H100, under an hour (~25-35 min estimated): a wider model, LM on 2048-token windows, MQAR
-           8000 steps x 32k tokens to 8192 tokens and 256 pairs, passkey to 16384 tokens
+           8000 steps x 32k tokens to 8192 tokens and 128 pairs, passkey to 16384 tokens
 bf16 autocast on CUDA, fp32 on CPU. No torch.compile (its compile time would eat a 10-minute budget).
 
 Outputs in --out (default out-claims/<budget>/, ignored by git): results.json (everything measured, plus the
@@ -91,7 +91,9 @@ BUDGETS = {
                    num_key_value_heads=4, head_dim=64, rotary_dim=32, intermediate_size=512, num_local_experts=8,
                    num_experts_per_tok=2, block_size=64),
         lm=dict(steps=800, batch_size=16, seq_len=1024, lr=2e-3, eval_every=100, eval_batches=8),
-        mqar=dict(steps=3000, tokens_per_step=16384, lengths=[256, 512, 1024, 2048, 4096], pairs=[4, 16, 64],
+        # MQAR: 3000 steps over lengths 256-4096 with 512 keys/values stayed on the ln(512) plateau for every
+        # variant (H100 run); 128 keys/values and shorter rows (more answers per token) let softmax leave it
+        mqar=dict(steps=1500, tokens_per_step=16384, lengths=[128, 256, 512, 1024, 2048], pairs=[4, 16, 64],
                   lr=2e-3, eval_seqs=64),
         passkey=dict(lengths=[256, 512, 1024, 2048, 4096], depths=[0.1, 0.3, 0.5, 0.7, 0.9], trials=4),
     ),
@@ -101,15 +103,17 @@ BUDGETS = {
                    num_experts_per_tok=2, block_size=64),
         lm=dict(steps=1500, batch_size=8, seq_len=2048, lr=1.5e-3, eval_every=100, eval_batches=16),
         mqar=dict(steps=8000, tokens_per_step=32768, lengths=[256, 512, 1024, 2048, 4096, 8192],
-                  pairs=[4, 16, 64, 256], lr=1.5e-3, eval_seqs=128),
+                  pairs=[4, 16, 64, 128], lr=1.5e-3, eval_seqs=128),
         passkey=dict(lengths=[512, 1024, 2048, 4096, 8192, 16384], depths=[0.1, 0.3, 0.5, 0.7, 0.9], trials=4),
     ),
 }
 
 # MQAR vocabulary: three disjoint id ranges, so an answer can only come from the context
-MQAR_KEYS = 512      # key ids [0, 512)
-MQAR_VALUES = 512    # value ids [512, 1024)
-MQAR_FILLER = 64     # filler ids [1024, 1088) between the queries
+# (128 each, not Zoology's thousands: with 512 the short budgets never left the ln(512) guessing plateau;
+# a budget's pairs must stay <= MQAR_KEYS, the keys of a row being distinct)
+MQAR_KEYS = 128      # key ids [0, 128)
+MQAR_VALUES = 128    # value ids [128, 256)
+MQAR_FILLER = 64     # filler ids [256, 320) between the queries
 MQAR_VOCAB = MQAR_KEYS + MQAR_VALUES + MQAR_FILLER
 
 # -----------------------------------------------------------------------------
@@ -532,7 +536,7 @@ def summary(res):
         means = {v: np.mean([e["acc"] for e in r["eval"]]) for v, r in res["mqar"]["variants"].items()}
         checks.append("MQAR mean accuracy: " + ", ".join(f"{v} {m:.3f}" for v, m in means.items())
                       + " (paper: lightning clearly below hybrid and softmax)")
-        # a loss still near ln(512) = guessing among the values: that variant never found the recall circuit
+        # a loss still near ln(MQAR_VALUES) = guessing among the values: that variant never found the recall circuit
         # within the budget (on CPU probes the all-softmax model sat on this plateau longest: its lightning-free
         # stack has no built-in local mixing to bootstrap the previous-token feature). Low accuracy is then
         # about optimisation speed, not about what the architecture can represent.
@@ -542,7 +546,7 @@ def summary(res):
             checks.append(f"  NOTE: {', '.join(stuck)} never left the guessing plateau (final train loss near "
                           f"ln {MQAR_VALUES} = {math.log(MQAR_VALUES):.2f}); read their accuracy as 'not learned "
                           "in this budget', and re-run with a larger --steps-scale before concluding")
-        if max(means.values()) < 0.5:  # chance is 1/512: nobody learned the task, so nothing is compared
+        if max(means.values()) < 0.5:  # chance is 1/MQAR_VALUES: nobody learned the task, so nothing is compared
             checks.append("  INCONCLUSIVE: no variant learned MQAR within this budget (best mean accuracy "
                           f"{max(means.values()):.3f}); train longer (--steps-scale) before reading the comparison")
     if res.get("passkey"):
