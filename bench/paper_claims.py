@@ -34,7 +34,7 @@ Budgets (--budget; every number is in BUDGETS below, and printed at the start):
     ci     seconds on a CPU: a 2-layer toy, a handful of steps; proves the plumbing (tests/test_paper_claims.py)
     gpu    one H100, ~5-8 minutes for all three parts (an estimate: it was sized without a GPU; the script
            prints its measured wall time). Per variant: LM 800 steps x 16 x 1024 tokens (13.1M tokens, ~1.1
-           epochs of the dataset), MQAR 1500 steps x 16k tokens (lengths 128-2048), passkey 5 lengths x 5 depths x 4 trials.
+           epochs of the dataset), MQAR 1500 steps x 16k tokens (lengths 64-2048), passkey 5 lengths x 5 depths x 4 trials.
            Too slow on your card? --steps-scale=0.5, or run the parts as separate commands.
     full   one H100, under an hour (~25-35 min estimated): a wider model, LM on 2048-token windows, MQAR
            8000 steps x 32k tokens to 8192 tokens and 128 pairs, passkey to 16384 tokens
@@ -92,8 +92,8 @@ BUDGETS = {
                    num_experts_per_tok=2, block_size=64),
         lm=dict(steps=800, batch_size=16, seq_len=1024, lr=2e-3, eval_every=100, eval_batches=8),
         # MQAR: 3000 steps over lengths 256-4096 with 512 keys/values stayed on the ln(512) plateau for every
-        # variant (H100 run); 128 keys/values and shorter rows (more answers per token) let softmax leave it
-        mqar=dict(steps=1500, tokens_per_step=16384, lengths=[128, 256, 512, 1024, 2048], pairs=[4, 16, 64],
+        # variant (H100 run); 128 keys/values and short rows from 64 tokens (more answers per token) help leave it
+        mqar=dict(steps=1500, tokens_per_step=16384, lengths=[64, 128, 256, 512, 1024, 2048], pairs=[4, 16, 64],
                   lr=2e-3, eval_seqs=64),
         passkey=dict(lengths=[256, 512, 1024, 2048, 4096], depths=[0.1, 0.3, 0.5, 0.7, 0.9], trials=4),
     ),
