@@ -34,7 +34,8 @@ Budgets (--budget; every number is in BUDGETS below, and printed at the start):
     ci     seconds on a CPU: a 2-layer toy, a handful of steps; proves the plumbing (tests/test_paper_claims.py)
     gpu    one H100, ~5-8 minutes for all three parts (an estimate: it was sized without a GPU; the script
            prints its measured wall time). Per variant: LM 800 steps x 16 x 1024 tokens (13.1M tokens, ~1.1
-           epochs of the dataset), MQAR 1500 steps x 16k tokens (lengths 64-2048), passkey 5 lengths x 5 depths x 4 trials.
+           epochs of the dataset), MQAR 1500 steps x 16k tokens (lengths 64-2048, 128 keys/values; ~4 min for
+           the three variants at ~50 ms a step), passkey 5 lengths x 5 depths x 4 trials.
            Too slow on your card? --steps-scale=0.5, or run the parts as separate commands.
     full   one H100, under an hour (~25-35 min estimated): a wider model, LM on 2048-token windows, MQAR
            8000 steps x 32k tokens to 8192 tokens and 128 pairs, passkey to 16384 tokens
