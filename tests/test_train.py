@@ -20,7 +20,6 @@ Exactness claims checked here:
 import hashlib
 import json
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+
+from conftest import losses, run_inproc  # noqa: E402  (tests/ is on sys.path under pytest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a really small model: 2 layers ('tiny' has softmax_every=2 -> layer 0 lightning, layer 1 softmax), 4 experts
@@ -45,34 +46,6 @@ def run(args, **kw):
 def ok(p):
     assert p.returncode == 0, f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
     return p
-
-
-def run_inproc(script, args, capsys):
-    """Run train.py / sample.py in this process (runpy) -> (exit code, stdout, stderr)."""
-    argv, cwd = sys.argv, os.getcwd()
-    sys.argv = [script] + list(args)
-    os.chdir(ROOT)
-    code = 0
-    try:
-        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = argv
-        os.chdir(cwd)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def losses(out_dir):
-    """The per-step training losses and the evals from out_dir/metrics.jsonl."""
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    keys = [(r["kind"], r["step"]) for r in records]
-    assert len(keys) == len(set(keys)), f"duplicate records in metrics.jsonl: {keys}"
-    steps = {r["step"]: r["loss"] for r in records if r["kind"] == "step"}
-    evals = {r["step"]: (r["train_loss"], r["val_loss"]) for r in records if r["kind"] == "eval"}
-    return steps, evals
 
 
 def sha(path):

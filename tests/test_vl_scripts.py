@@ -29,6 +29,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from conftest import losses, run_inproc  # noqa: E402
 from data.tokenizers import StreamDecoder, get_tokenizer, write_dataset  # noqa: E402
 
 MODEL_KW = "hidden_size=32,num_hidden_layers=2,intermediate_size=32,num_attention_heads=2,head_dim=16"
@@ -50,31 +51,6 @@ def run(args):
     p = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
     return p
-
-
-def run_inproc(script, args, capsys):
-    """Run train.py / sample.py in this process (runpy) -> (exit code, stdout, stderr)."""
-    argv, cwd = sys.argv, os.getcwd()
-    sys.argv = [script] + list(args)
-    os.chdir(ROOT)
-    code = 0
-    try:
-        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = argv
-        os.chdir(cwd)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def losses(out_dir):
-    """{step: loss} and {step: (train, val)} from out_dir/metrics.jsonl."""
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return ({r["step"]: r["loss"] for r in records if r["kind"] == "step"},
-            {r["step"]: (r["train_loss"], r["val_loss"]) for r in records if r["kind"] == "eval"})
 
 
 def load(out_dir):
