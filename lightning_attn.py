@@ -33,6 +33,7 @@ Run the benchmark:  python bench/lightning_bench.py                      (GPU)
 """
 import math
 import os
+import sys
 
 import torch
 
@@ -64,10 +65,11 @@ _announced = set()
 
 
 def _announce(path):
-    """Print once per process which implementation ran (a user on a laptop should know it is the slow twin)."""
-    if path not in _announced:
+    """Say once per process, on stderr, which implementation ran (a user on a laptop should know it is the slow
+    twin). Silent while torch.compile traces: a print there would split the compiled graph."""
+    if path not in _announced and not torch.compiler.is_compiling():
         _announced.add(path)
-        print(f"[lightning_attn] {path}")
+        print(f"[lightning_attn] {path}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------
