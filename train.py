@@ -342,14 +342,15 @@ else:  # MiniMax-VL: image-caption pairs (vision.py), rows "<image>Describe the 
         """Items ix of a split as [(image (3, h, w) uint8 numpy, caption)] (runs in a worker, or here)."""
         return [(img.numpy(), caption) for img, caption in (vl_data[split][int(i)] for i in ix)]
 
-    def item_futures(key):
-        """Submit the items of batch key = (split, step, g, purpose) to the pool, in data_workers chunks."""
-        split, step, g, purpose = key
-        ix = np.random.default_rng([seed, purpose, SPLITS[split], step, g]).integers(0, len(vl_data[split]),
-                                                                                       size=batch_size)
-        if pool is None:
-            return ix
-        return [pool.submit(load_items, split, chunk) for chunk in np.array_split(ix, data_workers)]
+    def item_indices(split, step, g, purpose):
+        """Which items micro-batch g of step `step` holds: an RNG seeded like the text windows' (with replacement)."""
+        return np.random.default_rng([seed, purpose, SPLITS[split], step, g]).integers(0, len(vl_data[split]),
+                                                                                      size=batch_size)
+
+    def submit_items(key):
+        """Start loading the items of batch key = (split, step, g, purpose) in the pool: data_workers chunks."""
+        ix = item_indices(*key)
+        return [pool.submit(load_items, key[0], chunk) for chunk in np.array_split(ix, data_workers)]
 
     def get_batch(split, step, g, purpose=0):
         """The VL twin of the text get_batch: global micro-batch g of step `step` -> (idx (B, T), targets (B, T),
@@ -358,15 +359,15 @@ else:  # MiniMax-VL: image-caption pairs (vision.py), rows "<image>Describe the 
         so a batch is again a function of the step alone (exact resume, same global batch under DDP)."""
         key = (split, step, g, purpose)
         try:  # images are decoded / drawn on the CPU (here or in the pool), then resized and tiled on the device
-            pending = prefetched.pop(key, None) or item_futures(key)  # items, with replacement like text windows
             if pool is None:
-                items = load_items(split, pending)
+                items = load_items(split, item_indices(*key))
             else:
-                items = [item for f in pending for item in f.result()]
-                if purpose == 0:  # the next training micro-batch of this process: start drawing it now
-                    nxt = (split, step, g + dp_size) if g + dp_size < gradient_accumulation_steps else \
-                        (split, step + 1, dp_rank)
-                    prefetched[(*nxt, 0)] = item_futures((*nxt, 0))
+                futures = prefetched.pop(key, None) or submit_items(key)
+                if purpose == 0:  # the next training micro-batch of this process: start loading it now
+                    nxt = (split, step, g + dp_size, 0) if g + dp_size < gradient_accumulation_steps else \
+                        (split, step + 1, dp_rank, 0)
+                    prefetched[nxt] = submit_items(nxt)
+                items = [item for f in futures for item in f.result()]
             idx, targets, images = vl_batch([(torch.from_numpy(img), c) for img, c in items], enc, raw_model,
                                             device=device)
         except ValueError as e:  # an unreadable image file in a caption folder
@@ -381,6 +382,11 @@ else:  # MiniMax-VL: image-caption pairs (vision.py), rows "<image>Describe the 
 # ---- model ---------------------------------------------------------------------------------------------------------
 
 from model import MiniMax, MiniMaxConfig  # noqa: E402
+
+def config_diff(now, saved):
+    """{field: (this run's value, the saved value)} for the fields of two asdict'ed configs that differ."""
+    return {k: (v, saved.get(k)) for k, v in now.items() if saved.get(k) != v}
+
 
 def parse_kw(s):
     """The --model_kw / --vision_kw format: "a=1,b=x" -> {"a": 1, "b": "x"}."""
@@ -416,9 +422,8 @@ if vision and raw_model.image_token_id < enc.n_vocab:
         f"tokenizer (ids < {enc.n_vocab}); leave it at -1 (the last id, {vocab_size - 1})")
 if checkpoint is not None:
     if checkpoint["model_config"] != asdict(model_config):
-        diff = {k: (v, checkpoint["model_config"].get(k)) for k, v in asdict(model_config).items()
-                if checkpoint["model_config"].get(k) != v}
-        die(f"checkpoint {ckpt_path} has another model config than this run (now, saved): {diff}")
+        die(f"checkpoint {ckpt_path} has another model config than this run (now, saved): "
+            f"{config_diff(asdict(model_config), checkpoint['model_config'])}")
     if vision and checkpoint.get("vision_config") != asdict(vision_config):
         die(f"checkpoint {ckpt_path} has another vision config than this run: saved {checkpoint.get('vision_config')}"
             f", now {asdict(vision_config)}")
@@ -439,10 +444,10 @@ elif init_from:  # a fresh run whose language model starts from a text run's wei
     if saved_tokenizer != tokenizer:
         die(f"init_from={init_from} was trained with tokenizer={saved_tokenizer!r}, this run uses {tokenizer!r}")
     if saved_config != asdict(model_config):
-        diff = {k: (v, saved_config.get(k)) for k, v in asdict(model_config).items() if saved_config.get(k) != v}
         knobs = text_ckpt.get("config", {})
-        die(f"init_from={init_from}: its model config differs from this run's (this run, checkpoint): {diff}. Use "
-            f"the text run's preset={knobs.get('preset')!r} model_kw={knobs.get('model_kw')!r}")
+        die(f"init_from={init_from}: its model config differs from this run's (this run, checkpoint): "
+            f"{config_diff(asdict(model_config), saved_config)}. Use the text run's preset={knobs.get('preset')!r} "
+            f"model_kw={knobs.get('model_kw')!r}")
     text_model.load_state_dict(text_ckpt["model"])
     print0(f"language model initialised from {init_from} (step {text_ckpt.get('step')}, val loss "
            f"{text_ckpt.get('val_loss', float('nan')):.4f})")
