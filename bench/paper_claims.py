@@ -75,8 +75,11 @@ VARIANTS = ("hybrid", "softmax", "lightning")
 # -----------------------------------------------------------------------------
 # budgets: the model shared by all variants (MiniMaxConfig fields) and the size of each part
 #   lm:      steps of batch_size x seq_len tokens, eval every eval_every steps on eval_batches fixed val batches
-#   mqar:    steps of ~tokens_per_step tokens; each step one (length, pairs) drawn from lengths x pairs
-#            (pairs <= length / 4); evaluated on eval_seqs sequences per (length, pairs)
+#   mqar:    its own depth (model: MiniMaxConfig fields over the shared model, the same for every variant);
+#            steps of ~tokens_per_step tokens; each step one (length, pairs) drawn from lengths x pairs
+#            (pairs <= length / 4), only lengths <= short_len during the first short_frac of the steps (a
+#            curriculum: short rows hold more answers per token, so the recall circuit forms sooner);
+#            evaluated on eval_seqs sequences per (length, pairs)
 #   passkey: context lengths x needle depths, trials random passkeys/fillers per cell
 BUDGETS = {
     "ci": dict(
@@ -84,7 +87,8 @@ BUDGETS = {
                    num_key_value_heads=2, head_dim=16, rotary_dim=8, intermediate_size=32, num_local_experts=4,
                    num_experts_per_tok=2, block_size=16),
         lm=dict(steps=6, batch_size=2, seq_len=64, lr=3e-3, eval_every=3, eval_batches=2),
-        mqar=dict(steps=6, tokens_per_step=512, lengths=[32, 64], pairs=[2, 4], lr=3e-3, eval_seqs=4),
+        mqar=dict(model=dict(num_hidden_layers=2, softmax_every=2), steps=6, tokens_per_step=512, lengths=[32, 64],
+                  pairs=[2, 4], short_len=32, short_frac=0.5, lr=3e-3, eval_seqs=4),
         passkey=dict(lengths=[48, 96], depths=[0.1, 0.9], trials=2),
     ),
     "gpu": dict(  # ~5-8 min on one H100 (estimate: 25-30 ms per step, host-bound; ~1 min start-up)
@@ -92,10 +96,14 @@ BUDGETS = {
                    num_key_value_heads=4, head_dim=64, rotary_dim=32, intermediate_size=512, num_local_experts=8,
                    num_experts_per_tok=2, block_size=64),
         lm=dict(steps=800, batch_size=16, seq_len=1024, lr=2e-3, eval_every=100, eval_batches=8),
-        # MQAR: 3000 steps over lengths 256-4096 with 512 keys/values stayed on the ln(512) plateau for every
-        # variant (H100 run); 128 keys/values and short rows from 64 tokens (more answers per token) help leave it
-        mqar=dict(steps=1500, tokens_per_step=16384, lengths=[64, 128, 256, 512, 1024, 2048], pairs=[4, 16, 64],
-                  lr=2e-3, eval_seqs=64),
+        # MQAR on 2 layers (hybrid = lightning then softmax), as in Zoology. The 8-layer model above, after
+        # 800 steps of 64-token rows on an H100: hybrid and lightning stuck at ~52 % (4 pairs) / ~22 % (16 pairs),
+        # softmax at ~2 %, lr 3e-4..3e-3, DeepNorm alpha or plain post-norm alike; 2 layers: 97 % / 89 %
+        # (bench/results/claims/mqar_probe_h100.txt). Earlier runs without the curriculum, 512 keys or long rows
+        # from the start, stayed on the guessing plateau for every variant.
+        mqar=dict(model=dict(num_hidden_layers=2, softmax_every=2), steps=2500, tokens_per_step=16384,
+                  lengths=[64, 128, 256, 512, 1024, 2048], pairs=[4, 16, 64], short_len=128, short_frac=0.4,
+                  lr=1e-3, eval_seqs=64),
         passkey=dict(lengths=[256, 512, 1024, 2048, 4096], depths=[0.1, 0.3, 0.5, 0.7, 0.9], trials=4),
     ),
     "full": dict(  # ~20-30 min on one H100; the LM stays at ~2 epochs of the 12M-token dataset
@@ -103,8 +111,9 @@ BUDGETS = {
                    num_key_value_heads=6, head_dim=64, rotary_dim=32, intermediate_size=768, num_local_experts=8,
                    num_experts_per_tok=2, block_size=64),
         lm=dict(steps=1500, batch_size=8, seq_len=2048, lr=1.5e-3, eval_every=100, eval_batches=16),
-        mqar=dict(steps=8000, tokens_per_step=32768, lengths=[256, 512, 1024, 2048, 4096, 8192],
-                  pairs=[4, 16, 64, 128], lr=1.5e-3, eval_seqs=128),
+        mqar=dict(model=dict(num_hidden_layers=2, softmax_every=2), steps=8000, tokens_per_step=32768,
+                  lengths=[64, 128, 256, 512, 1024, 2048, 4096, 8192], pairs=[4, 16, 64, 128], short_len=128,
+                  short_frac=0.3, lr=1e-3, eval_seqs=128),
         passkey=dict(lengths=[512, 1024, 2048, 4096, 8192, 16384], depths=[0.1, 0.3, 0.5, 0.7, 0.9], trials=4),
     ),
 }
@@ -206,13 +215,14 @@ def sync(device):
         torch.cuda.synchronize()  # host sync: timings must cover the queued GPU work
 
 
-def build_model(variant, vocab_size, max_len, spec, seed, device):
-    """The one model of every variant: the budget's MiniMaxConfig with only layer_pattern changed.
+def build_model(variant, vocab_size, max_len, spec, seed, device, overrides=None):
+    """The one model of every variant: the budget's MiniMaxConfig (plus a part's `overrides`, the same for every
+    variant) with only layer_pattern changed.
     The init RNG is seeded the same way for each variant (the weights coincide up to the first layer whose
     attention kind differs; from there the RNG stream follows different shapes)."""
     from model import MiniMax, MiniMaxConfig
     config = MiniMaxConfig(vocab_size=vocab_size, max_position_embeddings=max_len, layer_pattern=variant,
-                           **spec["model"])
+                           **{**spec["model"], **(overrides or {})})
     torch.manual_seed(seed)
     with torch.device(device):
         model = MiniMax(config)
@@ -372,11 +382,14 @@ def mqar_combos(c):
     return [(T, P) for T in c["lengths"] for P in c["pairs"] if 4 * P <= T]
 
 
-def mqar_batch(c, step, seed, device):
-    """Training batch `step`: a (length, pairs) drawn uniformly from mqar_combos, B = tokens_per_step // T.
+def mqar_batch(c, step, steps, seed, device):
+    """Training batch `step` of `steps`: a (length, pairs) drawn uniformly from mqar_combos, B = tokens_per_step // T;
+    during the first short_frac of the steps only from the lengths <= short_len (the curriculum).
     Seeded by (seed, step): the same batches for every variant."""
     rng = np.random.default_rng([seed, 3, step])
     combos = mqar_combos(c)
+    if step < c["short_frac"] * steps:
+        combos = [(T, P) for T, P in combos if T <= c["short_len"]]
     T, P = combos[int(rng.integers(len(combos)))]
     x, y = make_mqar(rng, max(1, c["tokens_per_step"] // T), T, P)
     return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
@@ -408,13 +421,15 @@ def part_mqar(ctx):
     spec, seed, device, autocast = ctx["spec"], ctx["seed"], ctx["device"], ctx["autocast"]
     c, steps = spec["mqar"], ctx["mqar_steps"]
     out = {"steps": steps, "tokens_per_step": c["tokens_per_step"], "lengths": c["lengths"], "pairs": c["pairs"],
-           "lr": c["lr"], "eval_seqs": c["eval_seqs"], "vocab": {"keys": MQAR_KEYS, "values": MQAR_VALUES,
+           "model": c["model"], "short_len": c["short_len"], "short_frac": c["short_frac"], "lr": c["lr"], "eval_seqs": c["eval_seqs"], "vocab": {"keys": MQAR_KEYS, "values": MQAR_VALUES,
                                                                   "filler": MQAR_FILLER}, "variants": {}}
     print(f"\n== part mqar: {steps} steps x ~{c['tokens_per_step']:,} tokens, lengths {c['lengths']}, "
-          f"pairs {c['pairs']} (mixed per step) ==")
+          f"pairs {c['pairs']} (mixed per step; lengths <= {c['short_len']} only for the first "
+          f"{c['short_frac']:.0%}); model {spec['model']} with {c['model']} ==")
     for v in ctx["variants"]:
-        model = build_model(v, MQAR_VOCAB, max(c["lengths"]), spec, seed, device)
-        stats = train(model, lambda s: mqar_batch(c, s, seed, device), steps, c["lr"], device, autocast, tag=v)
+        model = build_model(v, MQAR_VOCAB, max(c["lengths"]), spec, seed, device, overrides=c["model"])
+        stats = train(model, lambda s: mqar_batch(c, s, steps, seed, device), steps, c["lr"], device, autocast,
+                      tag=v)
         rows = mqar_eval(model, c, seed, device, autocast)
         out["variants"][v] = {"eval": rows, **stats, "params": param_report(model)}
         print(f"  {v}: " + "  ".join(f"T={r['seq_len']} P={r['num_pairs']}: {r['acc']:.3f}" for r in rows),
@@ -509,8 +524,11 @@ def summary(res):
     if res.get("mqar"):
         mq = res["mqar"]
         lengths = mq["lengths"]
-        lines += ["", f"MQAR accuracy ({mq['steps']} steps x ~{mq['tokens_per_step']:,} tokens, lengths and pair "
-                  f"counts mixed; {mq['eval_seqs']} sequences per cell; '-': pairs > length / 4)", "",
+        depth = mq.get("model", {}).get("num_hidden_layers")
+        lines += ["", f"MQAR accuracy ({depth or res['budget_spec']['model']['num_hidden_layers']} layers; "
+                  f"{mq['steps']} steps x ~{mq['tokens_per_step']:,} tokens, lengths and pair counts mixed"
+                  + (f", lengths <= {mq['short_len']} only for the first {mq['short_frac']:.0%}" if "short_len" in mq
+                     else "") + f"; {mq['eval_seqs']} sequences per cell; '-': pairs > length / 4)", "",
                   "| variant | pairs | " + " | ".join(f"T={T}" for T in lengths) + " | mean |",
                   "| --- | --- | " + " | ".join("---" for _ in lengths) + " | --- |"]
         for v, r in mq["variants"].items():

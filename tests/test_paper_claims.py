@@ -11,6 +11,7 @@ seed; the three variants' configs differ in layer_pattern alone; and `--budget=c
 well-formed SVG figures and LM checkpoints that `--parts=passkey` reloads to the same answers.
 """
 import json
+import math
 import os
 import sys
 import xml.etree.ElementTree as ET
@@ -72,10 +73,22 @@ def test_mqar_deterministic_by_seed():
     assert not np.array_equal(a[0], c[0])
     # the training batches of the script: same (seed, step) -> same batch for every variant
     spec = pc.BUDGETS["ci"]["mqar"]
-    x1, y1 = pc.mqar_batch(spec, 3, 1337, "cpu")
-    x2, y2 = pc.mqar_batch(spec, 3, 1337, "cpu")
+    x1, y1 = pc.mqar_batch(spec, 3, 6, 1337, "cpu")
+    x2, y2 = pc.mqar_batch(spec, 3, 6, 1337, "cpu")
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert (x1.shape[1], int((y1[0] >= 0).sum())) in set(pc.mqar_combos(spec))
+
+
+@pytest.mark.parametrize("budget", sorted(pc.BUDGETS))
+def test_mqar_curriculum_short_rows_first(budget):
+    """The first short_frac of the steps draw only rows <= short_len; afterwards every length shows up."""
+    c = dict(pc.BUDGETS[budget]["mqar"], tokens_per_step=256)  # small batches: only the lengths are checked
+    steps = 200
+    first = math.ceil(c["short_frac"] * steps)
+    early = {pc.mqar_batch(c, s, steps, 0, "cpu")[0].shape[1] for s in range(first)}
+    late = {pc.mqar_batch(c, s, steps, 0, "cpu")[0].shape[1] for s in range(first, steps)}
+    assert max(early) <= c["short_len"] and min(c["lengths"]) in early
+    assert late == {T for T, _ in pc.mqar_combos(c)}  # 120+ draws over <= 8 lengths: all seen (seeded)
 
 
 def test_mqar_bad_sizes_raise():
