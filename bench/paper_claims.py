@@ -32,10 +32,10 @@ at the 'gpu' size softmax has 1.9 % fewer total and 5.9 % fewer active parameter
 
 Budgets (--budget; every number is in BUDGETS below, and printed at the start):
     ci     seconds on a CPU: a 2-layer toy, a handful of steps; proves the plumbing (tests/test_paper_claims.py)
-    gpu    one H100, ~5-8 minutes for all three parts (an estimate: it was sized without a GPU; the script
-           prints its measured wall time). Per variant: LM 800 steps x 16 x 1024 tokens (13.1M tokens, ~1.1
-           epochs of the dataset), MQAR 1500 steps x 16k tokens (lengths 64-2048, 128 keys/values; ~4 min for
-           the three variants at ~50 ms a step), passkey 5 lengths x 5 depths x 4 trials.
+    gpu    one H100, ~5 minutes for all three parts (measured: LM + passkey 157 s, MQAR 141 s). Per variant: LM
+           800 steps x 16 x 1024 tokens (13.1M tokens, ~1.1 epochs of the dataset), MQAR 2500 steps x 16k tokens
+           on a 2-layer cut of the model (lengths 64-2048, 128 keys/values, only <= 128 in the first 40 %; ~45 s a
+           variant), passkey 5 lengths x 5 depths x 4 trials.
            Too slow on your card? --steps-scale=0.5, or run the parts as separate commands.
     full   one H100, under an hour (~25-35 min estimated): a wider model, LM on 2048-token windows, MQAR
            8000 steps x 32k tokens to 8192 tokens and 128 pairs, passkey to 16384 tokens
@@ -46,7 +46,7 @@ budget, card, versions and command), lm_loss.svg, mqar_acc.svg, passkey.svg (dra
 lm_<variant>.pt (the LM weights, so `--parts=passkey` alone can reuse them); a summary table on stdout.
 
 Run from the repo root:
-    python bench/paper_claims.py --budget=gpu                  # all three parts (~5-8 min on one H100)
+    python bench/paper_claims.py --budget=gpu                  # all three parts (~5 min on one H100)
     python bench/paper_claims.py --budget=gpu --parts=mqar     # one part
     python bench/paper_claims.py --budget=ci --device=cpu      # the CI smoke setting, seconds
     python bench/plot_claims.py out-claims/gpu/results.json    # redraw the figures from the JSON
@@ -91,7 +91,7 @@ BUDGETS = {
                   pairs=[2, 4], short_len=32, short_frac=0.5, lr=3e-3, eval_seqs=4),
         passkey=dict(lengths=[48, 96], depths=[0.1, 0.9], trials=2),
     ),
-    "gpu": dict(  # ~5-8 min on one H100 (estimate: 25-30 ms per step, host-bound; ~1 min start-up)
+    "gpu": dict(  # ~5 min on one H100 (measured; README)
         model=dict(hidden_size=256, num_hidden_layers=8, softmax_every=8, num_attention_heads=4,
                    num_key_value_heads=4, head_dim=64, rotary_dim=32, intermediate_size=512, num_local_experts=8,
                    num_experts_per_tok=2, block_size=64),
