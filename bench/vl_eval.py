@@ -11,8 +11,15 @@ Scores (fractions of images):
     exact          the caption equals the reference word for word
 Captions are parsed with data/shapes/shapes.parse_caption (words outside the caption grammar are ignored).
 Images whose prompts have the same length are captioned together in one batch.
+
+Then shape+colour again, split two ways, to show where the misses are:
+    tiles          by the number of tiles of the image's dynamic-resolution grid (1-2, 3-4, 5-9, 10+)
+    cut objects    images where no object crosses a tile edge vs those where at least one does. The ViT encodes
+                   each tile on its own, so a cut object reaches the language model in pieces (half a diamond
+                   looks like a triangle); only the thumbnail shows it whole, at a lower resolution.
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -50,6 +57,22 @@ def caption_images(model, enc, images, prompt=vision.CAPTION_PROMPT, batch_size=
     return captions
 
 
+def objects_cut(objects, h, w, tile):
+    """How many of an h x w image's objects [(cy, cx, r)] cross a tile edge once the image is fitted and centred
+    on its dynamic-resolution canvas (vision.select_best_grid + vision.fit_size, as vision.resize_and_pad does);
+    an object counts by its bounding box [cy - r, cy + r] x [cx - r, cx + r]."""
+    rows, cols = vision.select_best_grid(h, w, tile)
+    H, W = rows * tile, cols * tile
+    new_h, new_w = vision.fit_size(h, w, H, W)
+    top, left, sy, sx = (H - new_h) // 2, (W - new_w) // 2, new_h / h, new_w / w
+
+    def crosses(lo, hi):  # [lo, hi) in canvas pixels spans two tiles
+        return int(lo // tile) != int(math.ceil(hi) - 1) // tile
+
+    return sum(crosses(top + (cy - r) * sy, top + (cy + r) * sy) or crosses(left + (cx - r) * sx, left + (cx + r) * sx)
+               for cy, cx, r in objects)
+
+
 def score(predicted, reference):
     """(shape+colour, +counts, exact) booleans for one caption."""
     p, r = parse_caption(predicted), parse_caption(reference)
@@ -73,6 +96,7 @@ def main():
     enc = get_tokenizer(ckpt["tokenizer"]["name"])
     ds = ShapesDataset("val")
     items = [ds[i] for i in range(min(args.n, len(ds)))]
+    tile = model.vision_config.image_size
     t0 = time.time()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else \
         torch.autocast("cpu", enabled=False)
@@ -89,6 +113,19 @@ def main():
     acc = [sum(s[k] for s in scores) / n for k in range(3)]
     print(f"held-out shapes, {n} images: shape+colour {acc[0]:.1%} | +counts {acc[1]:.1%} | exact {acc[2]:.1%} "
           f"({dt:.1f}s on {args.device})")
+    # where the misses are: shape+colour accuracy by grid size and by whether a tile edge cuts an object
+    by = {}
+    for i, s in enumerate(scores):
+        img, _, _, objects = ds.example(i)
+        h, w, _ = img.shape
+        rows, cols = vision.select_best_grid(h, w, tile)
+        n_tiles = rows * cols
+        size = "1-2" if n_tiles <= 2 else "3-4" if n_tiles <= 4 else "5-9" if n_tiles <= 9 else "10+"
+        cut = "an object cut by a tile edge" if objects_cut(objects, h, w, tile) else "no object cut"
+        for key in (f"tiles {size}", cut):
+            by.setdefault(key, []).append(s[0])
+    print(f"shape+colour by group ({tile}-px tiles): " + " | ".join(
+        f"{k}: {sum(v) / len(v):.1%} of {len(v)}" for k, v in sorted(by.items())))
 
 
 if __name__ == "__main__":

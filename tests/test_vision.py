@@ -423,13 +423,20 @@ def test_shapes_dataset_is_deterministic_and_captions_parse():
     a, b = ShapesDataset("train"), ShapesDataset("train")
     val = ShapesDataset("val")
     for i in range(30):
-        img, caption, groups = a.example(i)
-        img2, caption2, _ = b.example(i)
+        img, caption, groups, objects = a.example(i)
+        img2, caption2, _, _ = b.example(i)
         assert np.array_equal(img, img2) and caption == caption2
         assert parse_caption(caption) == groups
         assert all(c in COLOURS and s in SHAPES and 1 <= n <= 3 for n, c, s in groups)
         h, w, _ = img.shape
         assert 56 <= min(h, w) and max(h, w) <= 168 and max(h, w) / min(h, w) <= MAX_ASPECT + 0.1
+        # objects: one per counted item, inside the image, and the pixel at each centre is painted in the colour
+        # of its group (objects are drawn group by group, in caption order; colours are jittered by <= 15)
+        colours = [COLOURS[c] for n, c, _ in groups for _ in range(n)]
+        assert len(objects) == len(colours)
+        for (cy, cx, r), rgb in zip(objects, colours):
+            assert r <= cy <= h - r and r <= cx <= w - r
+            assert np.abs(img[int(cy), int(cx)].astype(int) - rgb).max() <= 15
     assert not np.array_equal(a.example(0)[0], val.example(0)[0])  # the held-out split is another stream
     assert len(val) == 500
     with pytest.raises(IndexError):

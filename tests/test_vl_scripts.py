@@ -66,7 +66,7 @@ def captions(tmp_path_factory):
     ds = ShapesDataset("train", min_side=28, max_side=56)
     lines = []
     for i in range(20):
-        img, caption, _ = ds.example(i)
+        img, caption, _, _ = ds.example(i)
         Image.fromarray(img).save(d / f"{i:02d}.png")
         lines.append(json.dumps({"image": f"{i:02d}.png", "caption": caption}))
     (d / "captions.jsonl").write_text("\n".join(lines) + "\n")
@@ -209,6 +209,32 @@ def test_shapes_dataset_run(tmp_path, capsys):
                                                 "--max_iters=1", "--eval_iters=1", f"--out_dir={out}"], capsys)
     assert code == 0 and "500 val image-caption pairs" in stdout, err
     assert load(out)["vision_config"]["image_size"] == 56
+    # bench/vl_eval.py on that checkpoint: captions, scores and the breakdown of the first 4 held-out images
+    code, stdout, err = run_inproc("bench/vl_eval.py", [f"--ckpt={out}/ckpt.pt", "--n=4", "--show=4",
+                                                        "--device=cpu"], capsys)
+    assert code == 0, err
+    assert stdout.count("true: ") == 4 and "held-out shapes, 4 images: shape+colour" in stdout
+    assert "shape+colour by group (56-px tiles): " in stdout and "cut" in stdout
+
+
+def test_vl_eval_scoring_and_tile_cuts():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import vl_eval
+    # score: (shape+colour set, + counts, exact); group order in the caption does not matter for the first two
+    assert vl_eval.score("two blue squares and a red circle", "a red circle and two blue squares") == \
+        (True, True, False)
+    assert vl_eval.score("a red circle and a blue square", "a red circle and two blue squares") == (True, False, False)
+    assert vl_eval.score("a red square", "a red circle") == (False, False, False)
+    assert vl_eval.score("a red circle", "a red circle") == (True, True, True)
+    # objects_cut, by hand. A 56 x 84 (h x w) image at 56-px tiles: grid 1x2 (112 px wide), no resize, centred
+    # with 14 px of padding on the left; so a 10-px object centred at x = 42 spans canvas x 51..61 and crosses
+    # the edge at 56, while one at x = 30 (canvas 39..49) does not
+    assert vl_eval.objects_cut([(28, 42, 5)], 56, 84, 56) == 1
+    assert vl_eval.objects_cut([(28, 30, 5)], 56, 84, 56) == 0
+    # 112 x 112: grid 2x2, no resize or padding; edges at 56 in both directions; touching an edge is not crossing
+    assert vl_eval.objects_cut([(56, 30, 5), (28, 28, 5), (80, 80, 20), (28, 46, 10)], 112, 112, 56) == 1
+    # 40 x 40: grid 1x1, upscaled to 56: nothing can be cut
+    assert vl_eval.objects_cut([(20, 20, 19)], 40, 40, 56) == 0
 
 
 # ---- bad input: a clear message and a non-zero exit ------------------------------------------------------------

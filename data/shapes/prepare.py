@@ -30,7 +30,7 @@ def prepare(out, split="val", n=500, seed=1337):
     os.makedirs(out, exist_ok=True)
     lines, nbytes = [], 0
     for i in range(n):
-        img, caption, _ = ds.example(i)
+        img, caption, _, _ = ds.example(i)
         name = f"{i:05d}.png"
         Image.fromarray(img).save(os.path.join(out, name))
         nbytes += os.path.getsize(os.path.join(out, name))

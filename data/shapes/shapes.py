@@ -57,7 +57,9 @@ def number(n, word):
 
 
 def make_example(rng, min_side=MIN_SIDE, max_side=MAX_SIDE):
-    """One (image (H, W, 3) uint8 numpy, caption, groups) from a numpy Generator. groups: [(n, colour, shape)]."""
+    """One (image (H, W, 3) uint8 numpy, caption, groups, objects) from a numpy Generator.
+    groups: [(n, colour, shape)] in caption order; objects: [(cy, cx, r)] the pixel centre and 'radius' (half the
+    width) of every object drawn, in drawing order (bench/vl_eval.py uses them to tell which ones a tile cuts)."""
     aspect = np.exp(rng.uniform(-np.log(MAX_ASPECT), np.log(MAX_ASPECT)))  # w / h, log-uniform
     long_side = int(rng.integers(min_side, max_side + 1))
     h, w = (long_side, long_side * aspect) if aspect < 1 else (long_side / aspect, long_side)
@@ -90,7 +92,7 @@ def make_example(rng, min_side=MIN_SIDE, max_side=MAX_SIDE):
     if sum(counts) == 1:
         third = int(3 * placed[0][1] / w)
         caption += (" on the left", " in the middle", " on the right")[min(third, 2)]
-    return img, caption, groups
+    return img, caption, groups, placed
 
 
 def parse_caption(text):
@@ -114,11 +116,12 @@ class ShapesDataset:
         return self.size
 
     def example(self, i):
-        """(image (h, w, 3) uint8 numpy, caption, groups) for item i: the same on every machine."""
+        """(image (h, w, 3) uint8 numpy, caption, groups, objects) for item i (make_example): the same on every
+        machine."""
         if not 0 <= i < self.size:
             raise IndexError(f"item {i} out of range for the {self.size}-item '{self.split}' split")
         return make_example(np.random.default_rng([self.seed, SPLITS[self.split], i]), self.min_side, self.max_side)
 
     def __getitem__(self, i):
-        img, caption, _ = self.example(i)
+        img, caption, _, _ = self.example(i)
         return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), caption  # (3, h, w)
