@@ -421,8 +421,9 @@ def part_mqar(ctx):
     spec, seed, device, autocast = ctx["spec"], ctx["seed"], ctx["device"], ctx["autocast"]
     c, steps = spec["mqar"], ctx["mqar_steps"]
     out = {"steps": steps, "tokens_per_step": c["tokens_per_step"], "lengths": c["lengths"], "pairs": c["pairs"],
-           "model": c["model"], "short_len": c["short_len"], "short_frac": c["short_frac"], "lr": c["lr"], "eval_seqs": c["eval_seqs"], "vocab": {"keys": MQAR_KEYS, "values": MQAR_VALUES,
-                                                                  "filler": MQAR_FILLER}, "variants": {}}
+           "model": c["model"], "short_len": c["short_len"], "short_frac": c["short_frac"], "lr": c["lr"],
+           "eval_seqs": c["eval_seqs"], "vocab": {"keys": MQAR_KEYS, "values": MQAR_VALUES, "filler": MQAR_FILLER},
+           "variants": {}}
     print(f"\n== part mqar: {steps} steps x ~{c['tokens_per_step']:,} tokens, lengths {c['lengths']}, "
           f"pairs {c['pairs']} (mixed per step; lengths <= {c['short_len']} only for the first "
           f"{c['short_frac']:.0%}); model {spec['model']} with {c['model']} ==")

@@ -95,7 +95,9 @@ def main():
         sys.exit(f"error: cannot load {args.ckpt}: {type(e).__name__}: {str(e)[:300]}")
     enc = get_tokenizer(ckpt["tokenizer"]["name"])
     ds = ShapesDataset("val")
-    items = [ds[i] for i in range(min(args.n, len(ds)))]
+    examples = [ds.example(i) for i in range(min(args.n, len(ds)))]  # (image (h, w, 3), caption, groups, objects)
+    # (3, h, w) uint8 tensors, as ds[i] gives them, without drawing each image a second time
+    items = [(torch.from_numpy(img).permute(2, 0, 1).contiguous(), caption) for img, caption, _, _ in examples]
     tile = model.vision_config.image_size
     t0 = time.time()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else \
@@ -115,8 +117,7 @@ def main():
           f"({dt:.1f}s on {args.device})")
     # where the misses are: shape+colour accuracy by grid size and by whether a tile edge cuts an object
     by = {}
-    for i, s in enumerate(scores):
-        img, _, _, objects = ds.example(i)
+    for s, (img, _, _, objects) in zip(scores, examples):
         h, w, _ = img.shape
         rows, cols = vision.select_best_grid(h, w, tile)
         n_tiles = rows * cols
