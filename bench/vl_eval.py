@@ -15,8 +15,9 @@ Images whose prompts have the same length are captioned together in one batch.
 Then shape+colour again, split two ways, to show where the misses are:
     tiles          by the number of tiles of the image's dynamic-resolution grid (1-2, 3-4, 5-9, 10+)
     cut objects    images where no object crosses a tile edge vs those where at least one does. The ViT encodes
-                   each tile on its own, so a cut object reaches the language model in pieces (half a diamond
-                   looks like a triangle); only the thumbnail shows it whole, at a lower resolution.
+                   each tile on its own, so a cut object reaches the language model in pieces and only the
+                   thumbnail shows it whole; this split says whether that costs accuracy (on the shapes runs in
+                   the README it does not).
 """
 import argparse
 import math
