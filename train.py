@@ -383,6 +383,7 @@ else:  # MiniMax-VL: image-caption pairs (vision.py), rows "<image>Describe the 
 
 from model import MiniMax, MiniMaxConfig  # noqa: E402
 
+
 def config_diff(now, saved):
     """{field: (this run's value, the saved value)} for the fields of two asdict'ed configs that differ."""
     return {k: (v, saved.get(k)) for k, v in now.items() if saved.get(k) != v}
@@ -425,8 +426,8 @@ if checkpoint is not None:
         die(f"checkpoint {ckpt_path} has another model config than this run (now, saved): "
             f"{config_diff(asdict(model_config), checkpoint['model_config'])}")
     if vision and checkpoint.get("vision_config") != asdict(vision_config):
-        die(f"checkpoint {ckpt_path} has another vision config than this run: saved {checkpoint.get('vision_config')}"
-            f", now {asdict(vision_config)}")
+        die(f"checkpoint {ckpt_path} has another vision config than this run (now, saved): "
+            f"{config_diff(asdict(vision_config), checkpoint.get('vision_config') or {})}")
     try:
         raw_model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
